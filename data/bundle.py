@@ -1,0 +1,59 @@
+"""Rebuild the bundled datasets in data/ from the originals in ../shared/data (checked by sha256).
+
+    python data/bundle.py [--source ../shared/data]
+
+SST-2 train and dev become zstd-compressed Parquet (columns ``sentence``, ``label`` exactly as in the
+TSV: split on the tab, no quoting). TREC is copied byte for byte: its one non-UTF-8 byte stays, so
+ingest's replacement counting is exercised on real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHA256 = {
+    "sst2/train.tsv": "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1",
+    "sst2/dev.tsv": "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
+    "trec/train_5500.label": "9e4c8bdcaffb96ed61041bd64b564183d52793a8e91d84fc3a8646885f466ec3",
+    "trec/TREC_10.label": "033f22c028c2bbba9ca682f68ffe204dc1aa6e1cf35dd6207f2d4ca67f0d0e8e",
+}
+
+
+def checked(source: Path, name: str) -> Path:
+    path = source / name
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SHA256[name]:
+        raise SystemExit(f"{path}: sha256 {digest} does not match the MANIFEST")
+    return path
+
+
+def sst2_to_parquet(tsv: Path, out: Path) -> int:
+    lines = tsv.read_text(encoding="utf-8").split("\n")
+    header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:] if line]
+    assert header == ["sentence", "label"], header
+    table = pa.table({"sentence": [r[0] for r in rows], "label": [int(r[1]) for r in rows]})
+    pq.write_table(table, out, compression="zstd", compression_level=19)
+    return table.num_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    args = parser.parse_args()
+    here = Path(__file__).resolve().parent
+    for split in ("train", "dev"):
+        n = sst2_to_parquet(checked(args.source, f"sst2/{split}.tsv"), here / "sst2" / f"{split}.parquet")
+        print(f"sst2/{split}.parquet: {n} rows")
+    for name in ("trec/train_5500.label", "trec/TREC_10.label"):
+        shutil.copyfile(checked(args.source, name), here / name)
+        print(f"{name}: copied")
+
+
+if __name__ == "__main__":
+    main()

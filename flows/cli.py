@@ -1,0 +1,160 @@
+"""The ``nightshift`` command line: run the pipeline, predict with a registered model, move aliases.
+
+    nightshift run [--config configs/sst2.yaml] [--set key.sub=value ...] [--summary-json PATH] [--force]
+    nightshift predict --model NAME [--alias champion] TEXT...
+    nightshift promote --model NAME --version N
+    nightshift rollback --model NAME
+
+Errors a user can cause (a bad recipe, a missing file or column, a failed validation threshold)
+print one line naming the file and the problem and exit 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flows.params import add_recipe_arguments, recipe_from_args
+
+# Quiet, offline defaults; any of them can still be set by the user's environment.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _environment() -> None:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from tasks.artifacts import DataError, StageError
+    from tasks.config import RecipeError
+    from tasks.deploy import ReleaseError
+
+    return DataError, RecipeError, StageError, ReleaseError
+
+
+def _write_json(path: Path | None, value: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=2, default=str))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.settings import get_settings
+
+    started = time.time()
+    recipe = recipe_from_args(args)
+    settings = get_settings()
+    print(f"nightshift: recipe {recipe.name} ({args.config}); NIGHTSHIFT_HOME={settings.home}", flush=True)
+    from flows.pipeline import pipeline
+
+    try:
+        summary = pipeline(recipe, args.force)
+    except BaseException as exc:
+        _write_json(args.summary_json, {"status": "failed", "recipe": recipe.name, "error": f"{type(exc).__name__}: {exc}",
+                                        "timings_s": {"total": round(time.time() - started, 3)}})
+        raise
+    _write_json(args.summary_json, summary)
+    uri = summary["mlflow"]["tracking_uri"]
+    test = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"]["test"].items())
+    decision = summary["decision"]
+    print(f"\nnightshift: {recipe.name} test {test}")
+    print(f"nightshift: model {summary['model']['uri']}: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}"
+          f" ({decision['reason']})")
+    print(f"nightshift: MLflow store {uri} (experiment {summary['mlflow']['experiment_id']}, "
+          f"run {summary['mlflow']['parent_run_id']})")
+    if uri.startswith("sqlite"):
+        print(f"nightshift: browse it with: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks import tracking
+
+    tracking.configure()
+    model = tracking.load_pyfunc(f"models:/{args.model}@{args.alias}")
+    result = model.predict(pd.DataFrame({"text": args.texts}))
+    for text, label, score in zip(args.texts, result["label"], result["score"]):
+        print(json.dumps({"text": text, "label": label, "score": round(float(score), 4)}))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tasks import tracking
+    from tasks.deploy import promote
+
+    tracking.configure()
+    before = promote(args.model, str(args.version))
+    print(f"nightshift: {args.model} champion {before} -> {args.version}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks import tracking
+    from tasks.deploy import rollback
+
+    tracking.configure()
+    before, after = rollback(args.model)
+    print(f"nightshift: {args.model} champion {before} -> {after} (previous is now {before})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nightshift", description="Nightly, reproducible text-model retraining.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline once")
+    add_recipe_arguments(run)
+    run.add_argument("--summary-json", type=Path, help="write the run summary (DESIGN.md fields) to this file")
+    run.set_defaults(func=cmd_run)
+
+    predict = sub.add_parser("predict", help="predict with a registered model")
+    predict.add_argument("--model", required=True, help="registered model name (the recipe's name by default)")
+    predict.add_argument("--alias", default="champion", help="registry alias (default: %(default)s)")
+    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.set_defaults(func=cmd_predict)
+
+    promote = sub.add_parser("promote", help="make a version the champion (the old one becomes 'previous')")
+    promote.add_argument("--model", required=True)
+    promote.add_argument("--version", required=True, type=int)
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="swap 'champion' and 'previous'")
+    rollback.add_argument("--model", required=True)
+    rollback.set_defaults(func=cmd_rollback)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _environment()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("nightshift: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        kind = "error" if isinstance(exc, _user_errors()) else f"failed ({type(exc).__name__})"
+        print(f"nightshift: {kind}: {exc}", file=sys.stderr)
+        return 2 if kind == "error" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

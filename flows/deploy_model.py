@@ -1,0 +1,38 @@
+"""Sub-flow deploy_model: register the challenger, move the champion alias if the gate passed, smoke-test.
+
+    python -m flows.deploy_model --config configs/sst2.yaml    # runs the stages before it (cache hits)
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import Recipe
+from tasks.deploy import deploy_task
+from tasks.lineage import Deployed, Evaluated, PreparedData, TrainedModel, mlflow_run
+from tasks.register import register_task
+
+
+@flow(name="deploy-model")
+def deploy_model(
+    recipe: Recipe, data: PreparedData, trained: TrainedModel, evaluated: Evaluated, parent_run_id: str | None = None
+) -> Deployed:
+    """Log + register the model as challenger; promote it to champion when the gate passed."""
+    with mlflow_run(recipe, "deploy", parent_run_id) as run_id:
+        tokenized = data.stages["tokenize"]
+        registered = register_task(recipe, trained.stage, evaluated.stage, tokenized, data.fingerprint, run_id)
+        release = deploy_task(registered.name, registered.version, evaluated.stage, tokenized)
+    return Deployed(run_id=run_id, name=registered.name, version=registered.version, uri=registered.uri,
+                    reused=registered.reused, release=release.model_dump())
+
+
+if __name__ == "__main__":
+    from flows.evaluate_model import evaluate_model
+    from flows.params import standalone
+    from flows.prepare_data import prepare_data
+    from flows.train_model import train_model
+
+    recipe, force = standalone(__doc__.splitlines()[0])
+    data = prepare_data(recipe)
+    trained = train_model(recipe, data)
+    print(deploy_model(recipe, data, trained, evaluate_model(recipe, data, trained)).model_dump_json(indent=2))

@@ -1,0 +1,353 @@
+"""Tokenize stage: train a WordPiece tokenizer on the train split and encode every split.
+
+The tokenizer is BERT-style (``BertNormalizer``, ``BertPreTokenizer``, WordPiece with ``[UNK]``,
+``[CLS] $A [SEP]``) and is trained on the train split only, so nothing of validation or test leaks
+into the vocabulary. Special tokens have fixed ids: ``[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+[MASK]=4``. Sequences are truncated to ``tokenizer.max_length`` tokens ([CLS] and [SEP] included)
+and stored unpadded (``input_ids: list<int32>``): padding is dynamic, per batch, at training time.
+
+Output: ``tokenizer.json``, ``labels.json`` (the list index -> label), ``train/validation/test
+.parquet`` with ``id, text, label, label_id, input_ids, length``, ``token_stats.json`` and
+``rejects.parquet`` (rows whose label is not in the label map).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import sys
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import tokenizers
+from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, rejects_table, source_hash
+from tasks.config import Recipe, TokenizerConfig
+from tasks.lineage import tracked
+
+STAGE = "tokenize"
+SPLITS = ("train", "validation", "test")
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4 in this order
+TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.json"
+IDS_TYPE = pa.list_(pa.int32())
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("label", pa.string()),
+        ("label_id", pa.int32()),
+        ("input_ids", IDS_TYPE),
+        ("length", pa.int32()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [("id", pa.string()), ("reason", pa.string()), ("text", pa.string()), ("label", pa.string())]
+)
+TRAIN_BATCH = 1000
+PERCENTILES = (50, 90, 95, 99)
+
+
+def _batches(texts: Iterable[str], size: int = TRAIN_BATCH) -> Iterator[list[str]]:
+    iterator = iter(texts)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """An untrained BERT-style WordPiece tokenizer for ``cfg`` (normaliser, pre-tokeniser, decoder)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=cfg.lowercase, lowercase=cfg.lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def continuing_pieces(texts: Iterable[str], tokenizer: Tokenizer) -> list[str]:
+    """Sorted ``##c`` pieces for every character ``c`` of the normalised texts that can continue a word.
+
+    Whitespace and punctuation are left out: the pre-tokeniser makes those words of their own.
+    """
+    chars: set[str] = set()
+    for batch in _batches(texts, 5000):
+        chars.update(tokenizer.normalizer.normalize_str("\n".join(batch)))
+    return sorted(f"##{c}" for c in chars if not c.isspace() and not unicodedata.category(c).startswith("P"))
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
+    """Train a WordPiece tokenizer on ``texts`` (fed in batches) with ``[CLS] $A [SEP]`` and truncation.
+
+    The result has the special tokens at ids 0..4 (``[PAD]`` = 0) and truncates to
+    ``cfg.max_length`` tokens, special tokens included.
+
+    Training is made deterministic: the stock trainer gives the ``##c`` continuation pieces ids
+    in hash-map order, and those ids break ties between equally frequent merges, so the same
+    texts gave a different vocabulary on every run (huggingface/tokenizers#1794). Registering
+    every ``##c`` up front, in sorted order, fixes their ids; they are then demoted from "added
+    tokens" to plain vocabulary entries so they are not matched as special strings in text.
+    """
+    texts = texts if isinstance(texts, Sequence) else list(texts)
+    tokenizer = build_tokenizer(cfg)
+    pieces = continuing_pieces(texts, tokenizer)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS + pieces,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_batches(texts), trainer=trainer, length=len(texts))
+    state = json.loads(tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] in SPECIAL_TOKENS]
+    tokenizer = Tokenizer.from_str(json.dumps(state))
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != expected_id:  # pragma: no cover - trainer contract
+            raise RuntimeError(f"{STAGE}: special token {token} got id {tokenizer.token_to_id(token)}, expected {expected_id}")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, tokenizer.token_to_id(CLS)), (SEP, tokenizer.token_to_id(SEP))],
+    )
+    tokenizer.enable_truncation(max_length=cfg.max_length)
+    return tokenizer
+
+
+def _encode_batch(tokenizer: Tokenizer) -> Callable[[list[str]], list[Encoding]]:
+    # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which we never use.
+    return getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+
+def _flatten(encodings: list[Encoding]) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated ids) of a batch of encodings, without per-row Arrow objects."""
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return lengths, values
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], chunk_size: int | None = None) -> pa.Array:
+    """Token ids of every text as one Arrow ``list<int32>`` array (no padding).
+
+    Texts are encoded in a few large ``encode_batch`` chunks (parallel on the Rust side, which
+    releases the GIL) on a helper thread, while this thread turns the previous chunk's encodings
+    into flat numpy lengths and ids: the Python-side conversion overlaps the encoding instead of
+    adding to it. One concatenation at the end builds the list array from offsets and values.
+    ``chunk_size`` defaults to about an eighth of the input (at least 4096 texts).
+    """
+    texts = list(texts)
+    n = len(texts)
+    if chunk_size is None:
+        chunk_size = max(4096, -(-n // 8))
+    encode_batch = _encode_batch(tokenizer)
+    if n <= chunk_size:
+        parts = [_flatten(encode_batch(texts))] if n else []
+    else:
+        chunks = [texts[i : i + chunk_size] for i in range(0, n, chunk_size)]
+        parts = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nightshift-encode") as pool:
+            pending = pool.submit(encode_batch, chunks[0])
+            for following in chunks[1:] + [None]:
+                encodings = pending.result()
+                if following is not None:
+                    pending = pool.submit(encode_batch, following)
+                parts.append(_flatten(encodings))
+                del encodings
+    lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    values = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    if len(values) > np.iinfo(np.int32).max:
+        raise ValueError(f"{STAGE}: {len(values)} token ids overflow list<int32> offsets; encode in smaller parts")
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(IDS_TYPE)
+
+
+def untruncated_count(tokenizer: Tokenizer, texts: list[str], lengths: np.ndarray) -> int:
+    """How many of ``texts`` were cut by truncation.
+
+    Only texts whose encoding reached the limit can have been cut; those few are re-encoded by
+    an untruncated copy of the tokenizer to tell "exactly max_length" from "longer".
+    """
+    truncation = tokenizer.truncation
+    if truncation is None:
+        return 0
+    limit = truncation["max_length"]
+    candidates = np.flatnonzero(lengths >= limit)
+    if len(candidates) == 0:
+        return 0
+    free = Tokenizer.from_str(tokenizer.to_str())
+    free.no_truncation()
+    full = _encode_batch(free)([texts[i] for i in candidates])
+    return sum(len(e.ids) > limit for e in full)
+
+
+def label_map(train_labels: Iterable[str], configured: list[str] | None = None) -> list[str]:
+    """The label list (index = label id): ``configured`` order when given, else sorted train labels.
+
+    Raises :class:`DataError` when train holds a label outside the configured set.
+    """
+    seen = sorted(set(train_labels))
+    if configured is None:
+        return seen
+    if len(set(configured)) != len(configured):
+        raise DataError(f"data.labels has duplicates: {configured}")
+    unknown = [label for label in seen if label not in set(configured)]
+    if unknown:
+        raise DataError(f"train split has labels outside data.labels: {unknown}")
+    return list(configured)
+
+
+def label_ids(labels: pa.Array | pa.ChunkedArray, mapping: list[str]) -> pa.Array:
+    """The id of each label under ``mapping`` (int32; null where the label is not in it)."""
+    return pc.cast(pc.index_in(labels, value_set=pa.array(mapping, pa.string())), pa.int32())
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """Mean, percentiles and max of token lengths (zeros for an empty split)."""
+    if len(lengths) == 0:
+        return {"mean": 0.0, **{f"p{q}": 0.0 for q in PERCENTILES}, "max": 0.0}
+    stats = {"mean": float(np.mean(lengths))}
+    stats.update({f"p{q}": float(np.percentile(lengths, q)) for q in PERCENTILES})
+    stats["max"] = float(np.max(lengths))
+    return stats
+
+
+def encode_table(tokenizer: Tokenizer, table: pa.Table, mapping: list[str]) -> tuple[pa.Table, pa.Table]:
+    """Encode a canonical ``id, text, label`` table; returns (encoded rows, rejected rows).
+
+    Rows whose label is not in ``mapping`` are rejected (reason says which label).
+    """
+    table = table.select(["id", "text", "label"]).combine_chunks()
+    ids = label_ids(table.column("label"), mapping)
+    known = ids.is_valid()
+    rejects = pa.Table.from_batches([], schema=REJECTS_SCHEMA)
+    if not pc.all(known).as_py() and table.num_rows:
+        bad = table.filter(pc.invert(known))
+        rejects = rejects_table(
+            bad.column("id").to_pylist(),
+            [f"label {label!r} is not in the label map {mapping}" for label in bad.column("label").to_pylist()],
+            {"text": bad.column("text").to_pylist(), "label": bad.column("label").to_pylist()},
+        ).cast(REJECTS_SCHEMA)
+        table = table.filter(known)
+        ids = ids.filter(known)
+    input_ids = encode(tokenizer, table.column("text").to_pylist())
+    lengths = pc.cast(pc.list_value_length(input_ids), pa.int32())
+    out = pa.Table.from_arrays(
+        [table.column("id"), table.column("text"), table.column("label"), ids, input_ids, lengths], schema=SCHEMA
+    )
+    return out, rejects
+
+
+def code_version(*modules: ModuleType) -> str:
+    """Source hash of ``modules`` plus the ``tokenizers`` version (its output depends on both)."""
+    return f"{source_hash(*modules)}+tokenizers-{tokenizers.__version__}"
+
+
+def run(recipe: Recipe, split_ref: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+    """Train the tokenizer on the train split and encode every split (cached by fingerprint)."""
+    config = {"tokenizer": recipe.tokenizer.model_dump(mode="json"), "labels": recipe.data.labels}
+    code = code_version(sys.modules[__name__])
+    fp = fingerprint(STAGE, config, [split_ref.fingerprint], code)
+    if not force:
+        hit = store.lookup(STAGE, fp)
+        if hit is not None:
+            return hit
+    target = store.path(STAGE, fp)
+    if target.exists():
+        shutil.rmtree(target)
+
+    tables = {name: pq.read_table(split_ref.file(f"{name}.parquet")) for name in SPLITS}
+    train_texts = tables["train"].column("text").to_pylist()
+    if not train_texts:
+        raise DataError(f"{split_ref.file('train.parquet')}: the train split is empty")
+    tokenizer = train_tokenizer(train_texts, recipe.tokenizer)
+    mapping = label_map(tables["train"].column("label").to_pylist(), recipe.data.labels)
+
+    encoded: dict[str, pa.Table] = {}
+    rejected: list[pa.Table] = []
+    truncation_rate: dict[str, float] = {}
+    lengths: dict[str, dict[str, float]] = {}
+    for name in SPLITS:
+        out, rej = encode_table(tokenizer, tables[name], mapping)
+        encoded[name] = out
+        rejected.append(rej)
+        n = out.num_rows
+        lens = out.column("length").to_numpy()
+        cut = untruncated_count(tokenizer, out.column("text").to_pylist(), lens) if n else 0
+        truncation_rate[name] = cut / n if n else 0.0
+        lengths[name] = length_stats(lens)
+    rejects = pa.concat_tables(rejected)
+
+    n_input = sum(t.num_rows for t in tables.values())
+    rows = {"input": n_input, **{name: encoded[name].num_rows for name in SPLITS}, "rejected": rejects.num_rows}
+    if sum(rows[name] for name in SPLITS) + rows["rejected"] != n_input:  # pragma: no cover
+        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
+    unk_id = tokenizer.token_to_id(UNK)
+    train_ids = encoded["train"].column("input_ids").combine_chunks()
+    train_values = train_ids.flatten().to_numpy() if len(train_ids) else np.zeros(0, np.int32)
+    unk_rate = float(np.mean(train_values == unk_id)) if len(train_values) else 0.0
+
+    metrics: dict[str, float] = {"vocab_size": float(tokenizer.get_vocab_size()), "num_labels": float(len(mapping))}
+    metrics["train_unk_rate"] = unk_rate
+    metrics["rows_rejected"] = float(rows["rejected"])
+    for name in SPLITS:
+        metrics[f"{name}_truncation_rate"] = truncation_rate[name]
+        for key, value in lengths[name].items():
+            metrics[f"{name}_length_{key}"] = value
+    stats = {"truncation_rate": truncation_rate, "lengths": lengths, "rows": rows, "labels": mapping}
+    extra = {
+        "vocab_size": tokenizer.get_vocab_size(),
+        "num_labels": len(mapping),
+        "labels": mapping,
+        "pad_id": tokenizer.token_to_id(PAD),
+        "unk_id": unk_id,
+        "cls_id": tokenizer.token_to_id(CLS),
+        "sep_id": tokenizer.token_to_id(SEP),
+        "mask_id": tokenizer.token_to_id(MASK),
+        "max_length": recipe.tokenizer.max_length,
+        "lowercase": recipe.tokenizer.lowercase,
+        "truncation_rate": truncation_rate,
+        "length_percentiles": lengths,
+        "tokenizer_file": TOKENIZER_FILE,
+        "labels_file": LABELS_FILE,
+        "metrics": metrics,
+        "log_files": [TOKENIZER_FILE, LABELS_FILE, "token_stats.json"],
+    }
+    with store.writer(STAGE, fp) as w:
+        tokenizer.save(str(w.path / TOKENIZER_FILE))
+        w.write_json(LABELS_FILE, mapping)
+        for name in SPLITS:
+            w.write_table(f"{name}.parquet", encoded[name])
+        w.write_table("rejects.parquet", rejects)
+        w.write_json("token_stats.json", stats)
+        ref = w.write_manifest(config=config, inputs=[split_ref.fingerprint], code=code, rows=rows, extra=extra)
+    return ref
+
+
+def load_tokenizer(ref: StageRef) -> Tokenizer:
+    """The tokenizer a tokenize (or later) stage directory holds."""
+    return Tokenizer.from_file(str(ref.file(TOKENIZER_FILE)))
+
+
+def load_labels(ref: StageRef) -> list[str]:
+    """The label list (index = label id) of a tokenize stage directory."""
+    return json.loads(ref.file(LABELS_FILE).read_text())
+
+
+@task(name="tokenize", cache_policy=NONE)
+def tokenize_task(recipe: Recipe, split_ref: StageRef, run_id: str | None, force: bool = False) -> StageRef:
+    """Train the WordPiece tokenizer on train only; encode every split."""
+    return tracked(run_id, STAGE, lambda store: run(recipe, split_ref, store, force))

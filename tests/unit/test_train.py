@@ -1,0 +1,124 @@
+"""Training mechanics: bucketing, dynamic padding, schedule, determinism, resume, loss falls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from models.transformer import TransformerClassifier, TransformerConfig
+from tasks.config import TrainConfig
+from tasks.train import EncodedSplit, collate, fit, length_bucketed_batches, param_groups, warmup_linear
+
+
+def split_from(rows: list[list[int]], labels: list[int]) -> EncodedSplit:
+    return EncodedSplit.from_table(pa.table({
+        "input_ids": pa.array(rows, pa.list_(pa.int32())), "label_id": pa.array(labels, pa.int32())}))
+
+
+def synthetic(n: int, seed: int) -> EncodedSplit:
+    """Label 1 iff token 5 occurs; lengths 3..12."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for _ in range(n):
+        length = int(rng.integers(3, 13))
+        row = rng.integers(6, 30, size=length)
+        label = int(rng.integers(0, 2))
+        if label:
+            row[rng.integers(0, length)] = 5
+        rows.append([2, *row.tolist(), 3])
+        labels.append(label)
+    return split_from(rows, labels)
+
+
+def test_encoded_split_from_sliced_table() -> None:
+    table = pa.table({"input_ids": pa.array([[1, 2], [3], [4, 5, 6]], pa.list_(pa.int32())),
+                      "label_id": pa.array([0, 1, 0], pa.int32())}).slice(1)
+    split = EncodedSplit.from_table(table)
+    assert split.lengths.tolist() == [1, 3]
+    assert split.values.tolist() == [3, 4, 5, 6]
+
+
+def test_collate_pads_to_longest_in_batch() -> None:
+    split = split_from([[1, 2, 3], [4], [5, 6]], [0, 1, 0])
+    ids, mask, labels = collate(split, np.array([1, 2]), pad_id=0)
+    assert ids.tolist() == [[4, 0], [5, 6]]
+    assert mask.tolist() == [[1, 0], [1, 1]]
+    assert labels.tolist() == [1, 0]
+
+
+def test_batches_cover_everything_once_and_bucket_by_length() -> None:
+    lengths = np.random.default_rng(0).integers(1, 100, size=1000)
+    batches = length_bucketed_batches(lengths, 16, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 10  # random batches would spread ~90 tokens
+    again = length_bucketed_batches(lengths, 16, np.random.default_rng(1))
+    assert all((a == b).all() for a, b in zip(batches, again))
+
+
+def test_warmup_then_linear_decay() -> None:
+    f = warmup_linear(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == 0.0
+
+
+def test_no_weight_decay_on_biases_norms_embeddings() -> None:
+    model = TransformerClassifier(TransformerConfig(d_model=16, n_heads=2, d_ff=32), 30, 2, 8)
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p is model.tok_emb.weight for p in no_decay["params"])
+    assert any(p is model.head.weight for p in decay["params"])
+
+
+def small_model() -> TransformerClassifier:
+    torch.manual_seed(0)
+    return TransformerClassifier(TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.1), 30, 2, 16)
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "batch_size": 32, "lr": 3e-3, "seed": 7, "device": "cpu", "patience": 5, **kw})
+
+
+def test_loss_falls_and_learns() -> None:
+    losses: list[float] = []
+    result = fit(small_model(), synthetic(800, 0), synthetic(200, 1), cfg(), "accuracy",
+                 on_step=lambda step, m: losses.append(m["train_loss"]))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert result.best_score > 0.9
+
+
+def test_rerun_is_identical() -> None:
+    a = fit(small_model(), synthetic(300, 0), synthetic(100, 1), cfg(epochs=2), "accuracy")
+    b = fit(small_model(), synthetic(300, 0), synthetic(100, 1), cfg(epochs=2), "accuracy")
+    assert a.history == b.history
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path: Path) -> None:
+    train, val = synthetic(300, 0), synthetic(100, 1)
+    full = fit(small_model(), train, val, cfg(epochs=3), "accuracy")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch: int, metrics: dict) -> None:
+        if epoch == 2:
+            raise Interrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        # the checkpoint of epoch 2 is written after on_epoch; interrupt at epoch 2 leaves epoch 1's
+        fit(small_model(), train, val, cfg(epochs=3), "accuracy", ckpt, on_epoch=stop_after_two)
+    assert (ckpt / "last.pt").exists()
+    resumed = fit(small_model(), train, val, cfg(epochs=3), "accuracy", ckpt)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.history == full.history
+
+
+def test_early_stopping() -> None:
+    # lr 0 never improves after epoch 1, so patience 1 stops at epoch 2
+    result = fit(small_model(), synthetic(100, 0), synthetic(50, 1), cfg(epochs=10, patience=1, lr=1e-12), "accuracy")
+    assert len(result.history) == 2 and result.best_epoch == 1
