@@ -28,10 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer
-
 from prefect import task
 from prefect.cache_policies import NONE
+from tokenizers import Tokenizer
 
 from tasks import tokenize
 from tasks.artifacts import ArtifactStore, StageRef, fingerprint

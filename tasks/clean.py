@@ -24,8 +24,7 @@ first reason that applies):
 
 * ``too short: N chars < min_chars M`` / ``too long: N chars > max_chars M`` (characters after
   cleaning);
-* when ``clean.drop_conflicts``: every row whose matching key (``tasks.validate.text_keys``, i.e.
-  ``tasks.textnorm.match_key``) appears with more than one label in the split ->
+* when ``clean.drop_conflicts``: every row whose matching key (``tasks.textnorm.match_key``) appears with more than one label in the split ->
   ``conflicting labels for the same text: a, b``;
 * when ``clean.dedupe``: a row with the same key and label as an earlier row of the split ->
   ``duplicate of <id of the first one>`` (the first one is kept).
@@ -50,15 +49,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import ingest, textnorm, validate
 from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
 from tasks.config import CleanConfig, Recipe
-from tasks.lineage import tracked
 from tasks.ingest import REJECTS_SCHEMA, SCHEMA, metric_name, reason_kind, rejects_sample, write_csv_sample
+from tasks.lineage import tracked
 
 STAGE = "clean"
 REPORT = "clean_report.json"
@@ -195,7 +193,7 @@ def clean_table(table: pa.Table, cfg: CleanConfig, split: str = "train") -> Clea
     conflict_rows = dup_rows = 0
     if len(live_idx) and (cfg.drop_conflicts or cfg.dedupe):
         take = pa.array(live_idx, pa.int64())
-        key_codes, _ = validate.codes(validate.text_keys(cleaned.take(take)))
+        key_codes, _ = validate.codes(textnorm.match_key(cleaned.take(take)))
         label_codes, label_values = validate.codes(labels.take(take))
         dead = np.zeros(len(live_idx), dtype=bool)
         row_reason: list[tuple[np.ndarray, pa.Array]] = []

@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import tracking
+from tasks.artifacts import StageRef
 
 
 class ReleaseError(RuntimeError):

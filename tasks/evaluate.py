@@ -19,17 +19,16 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from prefect import task
+from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from models.transformer import TransformerClassifier
 from tasks import tracking
-from tasks.lineage import tracked
 from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
 from tasks.config import EvaluateConfig, Recipe
+from tasks.lineage import tracked
 from tasks.train import MODEL_FILE, EncodedSplit, predict_proba, score
 
 STAGE = "evaluate"
@@ -111,7 +110,7 @@ def confusion_png(y_true: list[str], y_pred: list[str], labels: list[str], path:
 
 
 def report_markdown(report: dict[str, Any], decision: GateDecision) -> str:
-    lines = [f"# Evaluation on the test split\n", f"- accuracy: **{report['accuracy']:.4f}**",
+    lines = ["# Evaluation on the test split\n", f"- accuracy: **{report['accuracy']:.4f}**",
              f"- macro F1: **{report['macro_f1']:.4f}**", f"- gate: **{'pass' if decision.passed else 'fail'}** — {decision.reason}\n",
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for label, row in report["per_class"].items():

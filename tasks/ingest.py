@@ -58,7 +58,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
 from prefect import task
 from prefect.cache_policies import NONE
 

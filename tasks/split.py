@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -55,19 +54,6 @@ class SplitResult:
     rejects: pa.Table
     warnings: list[str] = field(default_factory=list)
     groups: int = 0
-
-
-def group_keys(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The leakage key of each text: its :func:`match_key`, or the raw text when that is empty.
-
-    A text made only of punctuation or symbols (``":)"``, ``"..."``) normalises to the empty
-    string; such texts are grouped by their exact text instead of all together.
-    """
-    texts = pa.chunked_array([texts]) if isinstance(texts, pa.Array) else texts
-    texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
-    keys = textnorm.match_key(texts)
-    raw = pc.binary_join_element_wise("\x00", texts, "")
-    return pc.if_else(pc.equal(keys, ""), raw, keys)
 
 
 def _round_half_up(x: float) -> int:
@@ -156,11 +142,11 @@ def split_tables(train: pa.Table, test: pa.Table | None, cfg: SplitConfig) -> Sp
     """Split ``train`` (and reject its rows that leak into ``test``) as the module docstring says."""
     train = _canonical(train, "train.parquet")
     rejects = pa.Table.from_batches([], schema=REJECTS_SCHEMA)
-    keys = group_keys(train.column("text"))
+    keys = textnorm.match_key(train.column("text"))
 
     if test is not None:
         test = _canonical(test, "test.parquet")
-        test_keys = group_keys(test.column("text"))
+        test_keys = textnorm.match_key(test.column("text"))
         # first test id per key
         uniq_test_keys, first_pos = np.unique(test_keys.to_numpy(zero_copy_only=False), return_index=True)
         test_ids = test.column("id").to_numpy(zero_copy_only=False)

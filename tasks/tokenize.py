@@ -27,10 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tokenizers
-from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
 from prefect import task
 from prefect.cache_policies import NONE
+from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, rejects_table, source_hash
 from tasks.config import Recipe, TokenizerConfig

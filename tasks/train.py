@@ -26,11 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from sklearn.metrics import accuracy_score, f1_score
-from tqdm.auto import tqdm
-
 from prefect import task
 from prefect.cache_policies import NONE
+from sklearn.metrics import accuracy_score, f1_score
+from tqdm.auto import tqdm
 
 import models.transformer
 from models.transformer import TransformerClassifier

@@ -11,7 +11,7 @@ conflicts are only reported here (clean drops them).
 Statistics (on the rows that pass, per split):
 
 * duplicates: *exact* = an earlier row with the same text and label; *normalised* = an earlier row
-  with the same :func:`text_keys` key (``tasks.textnorm.match_key``) and label;
+  with the same :func:`tasks.textnorm.match_key` key and label;
 * conflicts: rows whose key appears with more than one label in the split;
 * leakage: test rows whose key also occurs in train (fraction of test rows);
 * label balance: counts, fractions, imbalance ratio (largest / smallest class), rarest class;
@@ -47,15 +47,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import ingest, textnorm
 from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
 from tasks.config import Recipe, ValidateConfig
-from tasks.lineage import tracked
 from tasks.ingest import REJECTS_SCHEMA, SCHEMA, reason_kind, rejects_sample, write_csv_sample
+from tasks.lineage import tracked
 
 STAGE = "validate"
 REPORT_JSON = "validation_report.json"
@@ -110,20 +109,6 @@ class ValidationResult:
 
 # --------------------------------------------------------------------------------------------
 # vectorised building blocks
-
-
-def text_keys(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Matching key of each text: :func:`tasks.textnorm.match_key`, or the raw text when that is empty.
-
-    A text made only of punctuation (``"..."``, ``":)"``) normalises to ``""``; such texts are
-    keyed by their exact text (behind a NUL so they never equal a real key) instead of all
-    together, the same rule as the split stage's groups.
-    """
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    keys = textnorm.match_key(texts)
-    raw = pc.binary_join_element_wise("\x00", texts, "")
-    return pc.if_else(pc.equal(keys, ""), raw, keys)
 
 
 def token_counts(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -371,10 +356,10 @@ def validate_tables(
     ingest_input = int(ingest_rows.get("input", n_in))
     ingest_rejected = int(ingest_rows.get("rejected", 0))
 
-    keys = {"train": text_keys(train_ok.column("text"))}
+    keys = {"train": textnorm.match_key(train_ok.column("text"))}
     tables = {"train": train_ok}
     if test_ok is not None:
-        keys["test"] = text_keys(test_ok.column("text"))
+        keys["test"] = textnorm.match_key(test_ok.column("text"))
         tables["test"] = test_ok
     stats = {
         split: split_stats(tables[split], keys[split], max_length, labels if split == "train" else None)
