@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,21 @@ _ENV_DEFAULTS = {
 def _environment() -> None:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+class _NoTracebacks(logging.Filter):
+    """Drop the traceback from Prefect's run logs: the failure is reported in one line at the end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    import prefect  # noqa: F401  (configures Prefect's loggers first, so the filter is not replaced)
+
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(_NoTracebacks())
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -143,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _environment()
+    if not args.debug:
+        _quiet_tracebacks()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -25,7 +25,9 @@ class TransformerConfig(BaseModel):
     n_heads: int = Field(default=4, ge=1, le=64, description="Attention heads; must divide d_model.")
     d_ff: int = Field(default=256, ge=8, le=16384, description="Feed-forward inner size.")
     dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on embeddings, attention and residual branches.")
-    pooling: Literal["mean", "cls"] = Field(default="mean", description="Sentence vector: mean of non-pad tokens or the [CLS] token.")
+    pooling: Literal["mean", "max", "cls"] = Field(
+        default="mean", description="Sentence vector: mean or element-wise max over non-pad tokens, or the [CLS] token."
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TransformerConfig:
@@ -119,6 +121,8 @@ class TransformerClassifier(nn.Module):
         x = self.ln_f(x)
         if self.cfg.pooling == "cls":
             return x[:, 0]
+        if self.cfg.pooling == "max":
+            return x.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)
         w = keep.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
 

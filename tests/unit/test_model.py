@@ -23,7 +23,7 @@ def test_shapes_and_loss() -> None:
     assert model(ids, torch.ones_like(ids))[1] is None
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "max", "cls"])
 def test_padding_does_not_change_prediction(pooling: str) -> None:
     model = make(pooling).eval()
     ids = torch.randint(1, 50, (3, 5))
