@@ -4,7 +4,8 @@
 
 SST-2 train and dev become zstd-compressed Parquet (columns ``sentence``, ``label`` exactly as in the
 TSV: split on the tab, no quoting). TREC is copied byte for byte: its one non-UTF-8 byte stays, so
-ingest's replacement counting is exercised on real data.
+ingest's replacement counting is exercised on real data. MNIST's four gzipped IDX files are copied
+byte for byte too (ingest reads them as they are).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ SHA256 = {
     "sst2/dev.tsv": "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
     "trec/train_5500.label": "9e4c8bdcaffb96ed61041bd64b564183d52793a8e91d84fc3a8646885f466ec3",
     "trec/TREC_10.label": "033f22c028c2bbba9ca682f68ffe204dc1aa6e1cf35dd6207f2d4ca67f0d0e8e",
+    "mnist/train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+    "mnist/train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+    "mnist/t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+    "mnist/t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
+BYTE_COPIES = [name for name in SHA256 if name.startswith(("trec/", "mnist/"))]
 
 
 def checked(source: Path, name: str) -> Path:
@@ -50,7 +56,8 @@ def main() -> None:
     for split in ("train", "dev"):
         n = sst2_to_parquet(checked(args.source, f"sst2/{split}.tsv"), here / "sst2" / f"{split}.parquet")
         print(f"sst2/{split}.parquet: {n} rows")
-    for name in ("trec/train_5500.label", "trec/TREC_10.label"):
+    for name in BYTE_COPIES:
+        (here / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(checked(args.source, name), here / name)
         print(f"{name}: copied")
 

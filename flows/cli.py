@@ -1,7 +1,7 @@
 """The ``nightshift`` command line: run the pipeline, predict with a registered model, move aliases.
 
     nightshift run [--config configs/sst2.yaml] [--set key.sub=value ...] [--summary-json PATH] [--force]
-    nightshift predict --model NAME [--alias champion] TEXT...
+    nightshift predict --model NAME [--alias champion] [--invert] TEXT_OR_IMAGE...
     nightshift promote --model NAME --version N
     nightshift rollback --model NAME
 
@@ -29,7 +29,6 @@ _ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "TOKENIZERS_PARALLELISM": "false",
 }
 
 
@@ -54,11 +53,10 @@ def _quiet_tracebacks() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from tasks.artifacts import DataError, StageError
+    from tasks.artifacts import DataError
     from tasks.config import RecipeError
-    from tasks.deploy import ReleaseError
 
-    return DataError, RecipeError, StageError, ReleaseError
+    return DataError, RecipeError
 
 
 def _write_json(path: Path | None, value: dict[str, Any]) -> None:
@@ -96,16 +94,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".pgm", ".pnm", ".ppm", ".pbm", ".bmp", ".gif", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+DEFAULT_IMAGE_SHAPE = (28, 28)
+
+
+def _is_image_file(path: Path) -> bool:
+    """An existing file with an image suffix, or any file Pillow recognises as an image."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def image_pixels(path: Path, shape: tuple[int, int] = DEFAULT_IMAGE_SHAPE, invert: bool = False) -> list[int]:
+    """An image file as 8-bit greyscale pixels, resized to ``shape`` (H, W) when it differs, row-major."""
+    from PIL import Image, UnidentifiedImageError
+
+    from tasks.artifacts import DataError
+
+    try:
+        with Image.open(path) as image:
+            grey = image.convert("L")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: not an image Pillow can read: {exc}") from None
+    height, width = shape
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = [int(v) for v in grey.tobytes()]
+    return [255 - v for v in pixels] if invert else pixels
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from tasks import tracking
+    from tasks.artifacts import DataError
 
     tracking.configure()
+    missing = [item for item in args.texts if Path(item).suffix.lower() in IMAGE_SUFFIXES and not Path(item).exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: image file not found")
     model = tracking.load_pyfunc(f"models:/{args.model}@{args.alias}")
-    result = model.predict(pd.DataFrame({"text": args.texts}))
-    for text, label, score in zip(args.texts, result["label"], result["score"]):
-        print(json.dumps({"text": text, "label": label, "score": round(float(score), 4)}))
+    images = [_is_image_file(Path(item)) for item in args.texts]
+    if any(images):
+        if not all(images):
+            texts = [item for item, image in zip(args.texts, images) if not image]
+            raise DataError(f"predict: give image files or texts, not both (not image files: {texts[:3]})")
+        meta = getattr(model.metadata, "metadata", None) or {}
+        if meta.get("task", "image-classification") != "image-classification":
+            raise DataError(f"predict: {args.model} is a {meta['task']} model: pass texts, not image files")
+        shape = tuple(meta.get("image_shape") or DEFAULT_IMAGE_SHAPE)
+        pixels = [image_pixels(Path(item), shape, args.invert) for item in args.texts]
+        result = model.predict(pd.DataFrame({"pixels": pixels}))
+        key = "image"
+    else:
+        result = model.predict(pd.DataFrame({"text": args.texts}))
+        key = "text"
+    for item, label, score in zip(args.texts, result["label"], result["score"]):
+        print(json.dumps({key: item, "label": label, "score": round(float(score), 4)}))
     return 0
 
 
@@ -142,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="predict with a registered model")
     predict.add_argument("--model", required=True, help="registered model name (the recipe's name by default)")
     predict.add_argument("--alias", default="champion", help="registry alias (default: %(default)s)")
-    predict.add_argument("texts", nargs="+", metavar="TEXT")
+    predict.add_argument("--invert", action="store_true",
+                         help="image files hold dark digits on a light background: invert them (MNIST digits are "
+                              "white on black)")
+    predict.add_argument("texts", nargs="+", metavar="TEXT_OR_IMAGE",
+                         help="texts, or image files (PNG, PGM, ... read as 8-bit greyscale, resized to the model's "
+                              "image size) for an image model")
     predict.set_defaults(func=cmd_predict)
 
     promote = sub.add_parser("promote", help="make a version the champion (the old one becomes 'previous')")

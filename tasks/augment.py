@@ -229,4 +229,8 @@ def run(recipe: Recipe, tokenized: StageRef, store: ArtifactStore, force: bool =
 @task(name="augment", cache_policy=NONE)
 def augment_task(recipe: Recipe, tokenized: StageRef, run_id: str | None, force: bool = False) -> StageRef:
     """Add seeded EDA-style augmented copies of train rows (pass-through when disabled)."""
+    if recipe.task == "image-classification":
+        from tasks.vision import augment as vision_augment
+
+        return tracked(run_id, STAGE, lambda store: vision_augment.run(recipe, tokenized, store, force))
     return tracked(run_id, STAGE, lambda store: run(recipe, tokenized, store, force))

@@ -342,4 +342,8 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
 @task(name="clean", cache_policy=NONE)
 def clean_task(recipe: Recipe, validated: StageRef, run_id: str | None, force: bool = False) -> StageRef:
     """Normalise texts; drop too short/long, duplicate and conflicting rows into rejects."""
+    if recipe.task == "image-classification":
+        from tasks.vision import clean as vision_clean
+
+        return tracked(run_id, STAGE, lambda store: vision_clean.run(recipe, validated, store, force))
     return tracked(run_id, STAGE, lambda store: run(recipe, validated, store, force))

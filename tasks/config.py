@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from models.mlp import MLPConfig
 from models.transformer import TransformerConfig
 
 TaskType = Literal["text-classification", "image-classification"]
@@ -74,6 +75,16 @@ class DataConfig(Section):
     )
     encoding: str = Field(default="utf-8", description="Text encoding; undecodable bytes are replaced and counted.")
     max_rows: int | None = Field(default=None, ge=1, description="Read at most this many rows per file (debug knob).")
+    train_labels_path: str | None = Field(
+        default=None,
+        description="Image recipes: IDX labels file of train_path. Null derives it from the images file name "
+        "('train-images-idx3-ubyte.gz' -> 'train-labels-idx1-ubyte.gz', in the same folder).",
+    )
+    test_labels_path: str | None = Field(
+        default=None,
+        description="Image recipes: IDX labels file of test_path. Null derives it from the images file name "
+        "('t10k-images-idx3-ubyte.gz' -> 't10k-labels-idx1-ubyte.gz', in the same folder).",
+    )
 
     @model_validator(mode="after")
     def _columns_for_headerless(self) -> DataConfig:
@@ -98,15 +109,18 @@ class ValidateConfig(Section):
     """Thresholds above which validation fails the run (below them it warns)."""
 
     max_reject_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of input rows is malformed.")
-    max_empty_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of texts is empty or whitespace.")
-    max_conflict_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of rows share a text with a different label.")
-    max_leakage_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of test texts also appear (normalised) in train.")
+    max_empty_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of texts is empty or whitespace (images: blank, one grey level).")
+    max_conflict_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of rows share a text (images: identical pixels) with a different label.")
+    max_leakage_fraction: float = Field(default=0.05, ge=0, le=1, description="Fail when more than this fraction of test texts (images: identical pixels) also appear (normalised) in train.")
     max_truncation_rate: float = Field(default=0.5, ge=0, le=1, description="Fail when more than this fraction of texts exceeds tokenizer.max_length tokens.")
     min_class_fraction: float = Field(default=0.0, ge=0, le=1, description="Fail when the rarest class holds less than this fraction of train.")
 
 
 class CleanConfig(Section):
-    """Text normalisation and row filters; every dropped row goes to rejects with its reason."""
+    """Text normalisation and row filters; every dropped row goes to rejects with its reason.
+
+    Image recipes use ``dedupe`` and ``drop_conflicts`` (identical pixels) and always drop blank images.
+    """
 
     lowercase: bool = Field(default=False, description="Lower-case every text.")
     strip_html: bool = Field(default=True, description="Remove HTML tags and unescape entities.")
@@ -134,26 +148,36 @@ class TokenizerConfig(Section):
 
 
 class AugmentConfig(Section):
-    """EDA-style augmentation of the train split (swap, delete, insert), seeded."""
+    """Seeded augmentation of the train split: EDA-style for text (swap, delete, insert); random
+    shifts and small rotations for images."""
 
     enabled: bool = Field(default=False, description="Add augmented copies of train rows.")
     copies: int = Field(default=1, ge=1, le=16, description="Augmented copies per original row.")
-    p: float = Field(default=0.1, gt=0, le=0.5, description="Fraction of words touched by each operation.")
+    p: float = Field(default=0.1, gt=0, le=0.5, description="Text: fraction of words touched by each operation.")
     operations: list[Literal["swap", "delete", "insert"]] = Field(
-        default=["swap", "delete", "insert"], min_length=1, description="Operations to draw from, one per copy."
+        default=["swap", "delete", "insert"], min_length=1, description="Text: operations to draw from, one per copy."
     )
+    shift_px: int = Field(default=2, ge=0, le=8, description="Images: largest random shift in whole pixels, along each axis.")
+    rotate_deg: float = Field(default=10.0, ge=0, le=45, description="Images: largest random rotation in degrees, either way.")
     seed: int = Field(default=13, description="Seed of the augmentation.")
 
 
 class TrainConfig(Section):
-    """Optimisation: AdamW with linear warmup and decay, early stopping on validation."""
+    """Optimisation: AdamW (or Adam) with linear warmup, then linear decay (or a constant rate); early stopping on validation."""
 
     epochs: int = Field(default=4, ge=1, le=1000, description="Maximum number of epochs.")
     batch_size: int = Field(default=64, ge=1, le=8192, description="Examples per batch.")
     lr: float = Field(default=1e-3, gt=0, le=1, description="Peak learning rate.")
-    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW decoupled weight decay (not applied to biases and norms).")
+    optimizer: Literal["adamw", "adam"] = Field(
+        default="adamw",
+        description="adamw: decoupled weight decay, betas (0.9, 0.98); adam: torch's Adam defaults, weight_decay as an L2 penalty.",
+    )
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="Weight decay (not applied to biases, norms and embeddings).")
+    schedule: Literal["linear", "constant"] = Field(
+        default="linear", description="Learning rate after warmup: linear decay to 0, or constant."
+    )
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up linearly.")
-    grad_clip: float = Field(default=1.0, gt=0, description="Clip the gradient norm to this value.")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
     seed: int = Field(default=13, description="Seed of initialisation, shuffling and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto uses CUDA (bf16 autocast) when present, else CPU.")
     patience: int = Field(default=2, ge=1, description="Stop after this many epochs without validation improvement.")
@@ -177,6 +201,24 @@ class DeployConfig(Section):
     model_name: str | None = Field(default=None, description="Registered model name; defaults to the recipe's name.")
 
 
+DEFAULT_IMAGE_MODEL = "variant"
+_MODEL_TAGS = ("transformer", "image")
+
+
+def _model_tag(value: Any) -> str:
+    """Which model config a ``model`` section is: the image one when it names a ``kind``
+    (document, variant or cnn; an unknown kind is left to the image config to name the allowed ones)."""
+    if isinstance(value, MLPConfig) or (isinstance(value, dict) and "kind" in value):
+        return "image"
+    return "transformer"
+
+
+ModelConfig = Annotated[
+    Annotated[TransformerConfig, Tag("transformer")] | Annotated[MLPConfig, Tag("image")],
+    Discriminator(_model_tag),
+]
+
+
 class Recipe(Section):
     """A whole Nightshift recipe: what to train on, how, and how to release it."""
 
@@ -188,12 +230,42 @@ class Recipe(Section):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions and seed.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer settings.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentation settings.")
-    model: TransformerConfig = Field(default_factory=TransformerConfig, description="Model architecture.")
+    model: ModelConfig = Field(
+        default_factory=TransformerConfig,
+        description="Model architecture: the transformer for text; for images model.kind picks document, variant or cnn.",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Release gate.")
     deploy: DeployConfig = Field(default_factory=DeployConfig, description="Registry settings.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_model_by_default(cls, raw: Any) -> Any:
+        """An image recipe's model section is an image model even when it names no ``kind``."""
+        if isinstance(raw, dict) and raw.get("task") == "image-classification":
+            model = raw.get("model")
+            if model is None:
+                raw = {**raw, "model": {"kind": DEFAULT_IMAGE_MODEL}}
+            elif isinstance(model, dict) and "kind" not in model:
+                raw = {**raw, "model": {"kind": DEFAULT_IMAGE_MODEL, **model}}
+        return raw
+
+    @model_validator(mode="after")
+    def _task_fits_model_and_data(self) -> Recipe:
+        image = self.task == "image-classification"
+        if image and not isinstance(self.model, MLPConfig):
+            raise ValueError("model: image-classification needs an image model (model.kind: document, variant or cnn)")
+        if not image and isinstance(self.model, MLPConfig):
+            raise ValueError(f"model.kind: {self.model.kind!r} is an image model; {self.task} uses the transformer "
+                             "(remove model.kind)")
+        if image and self.data.format not in (None, "idx"):
+            raise ValueError(f"data.format: image-classification reads IDX files (idx), not {self.data.format}")
+        if not image and (self.data.train_labels_path or self.data.test_labels_path):
+            raise ValueError("data.train_labels_path / data.test_labels_path: only image-classification recipes have "
+                             "separate labels files")
+        return self
 
     @property
     def model_name(self) -> str:
@@ -251,10 +323,16 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_error_location(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise RecipeError(f"{source}: invalid recipe: {problems}") from None
+
+
+def _error_location(loc: tuple[Any, ...]) -> str:
+    """``model.image.hidden`` -> ``model.hidden``: the union's tag is no key a user wrote."""
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "model" and parts[1] in _MODEL_TAGS:
+        del parts[1]
+    return ".".join(parts) or "<root>"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
@@ -70,13 +71,16 @@ def rollback(name: str) -> tuple[str, str]:
     return current or "", previous
 
 
-def smoke_test(model_uri: str, texts: list[str], expected: list[str]) -> float:
-    """Load ``model_uri`` through the registry and check it predicts ``expected``; return the seconds taken."""
+def smoke_test(model_uri: str, texts: list[Any], expected: list[str], column: str = "text") -> float:
+    """Load ``model_uri`` through the registry and check it predicts ``expected``; return the seconds taken.
+
+    ``texts`` are the inputs of the ``column`` column: texts, or pixel lists (``column="pixels"``) for images.
+    """
     started = time.perf_counter()
     model = tracking.load_pyfunc(model_uri)
     import pandas as pd
 
-    got = model.predict(pd.DataFrame({"text": texts}))["label"].tolist()
+    got = model.predict(pd.DataFrame({column: texts}))["label"].tolist()
     mismatches = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     if len(got) != len(expected) or mismatches:
         raise ReleaseError(f"{model_uri}: served predictions differ from offline ones at rows {mismatches[:10]}")
@@ -111,9 +115,10 @@ def deploy_task(model_name: str, version: str, evaluated: StageRef, tokenized: S
     tracking.configure()
     decision = evaluated.extra["decision"]
     predictions = json.loads(evaluated.file("predictions.json").read_text())
-    texts = pq.read_table(tokenized.file("test.parquet"), columns=["text"]).column("text").to_pylist()
-    texts, expected = texts[:sample], predictions["pred"][:sample]
+    column = "pixels" if tokenized.extra.get("task") == "image-classification" else "text"
+    inputs = pq.read_table(tokenized.file("test.parquet"), columns=[column]).column(column).slice(0, sample).to_pylist()
+    expected = predictions["pred"][:sample]
     outcome = release(model_name, version, decision["passed"], decision["reason"],
-                      smoke=lambda uri: smoke_test(uri, texts, expected))
+                      smoke=lambda uri: smoke_test(uri, inputs, expected, column))
     get_run_logger().info("deploy: %s", outcome.reason)
     return outcome

@@ -190,5 +190,11 @@ def champion_scorer(model_name: str) -> tuple[str | None, ChampionScorer | None]
 def evaluate_task(recipe: Recipe, trained: StageRef, tokenized: StageRef, run_id: str | None, force: bool = False) -> StageRef:
     """Score challenger and re-scored champion on the test split; apply the gate."""
     tracking.configure()
+    if recipe.task == "image-classification":
+        from tasks.vision import evaluate as vision_evaluate
+
+        version, pixel_scorer = vision_evaluate.champion_scorer(recipe.model_name)
+        return tracked(run_id, STAGE, lambda store: vision_evaluate.run(
+            recipe, trained, tokenized, store, version, pixel_scorer, force))
     version, scorer = champion_scorer(recipe.model_name)
     return tracked(run_id, STAGE, lambda store: run(recipe, trained, tokenized, store, version, scorer, force))

@@ -751,4 +751,8 @@ def run(
 @task(name="ingest", cache_policy=NONE)
 def ingest_task(recipe: Recipe, run_id: str | None, force: bool = False) -> StageRef:
     """Read the recipe's files into canonical rows; malformed rows go to rejects with their reason."""
+    if recipe.task == "image-classification":
+        from tasks.vision import ingest as vision_ingest
+
+        return tracked(run_id, STAGE, lambda store: vision_ingest.run(recipe, store, force))
     return tracked(run_id, STAGE, lambda store: run(recipe, store, force))

@@ -22,7 +22,7 @@ from prefect.context import FlowRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import tracking
-from tasks.artifacts import ArtifactStore, StageRef
+from tasks.artifacts import ArtifactStore, DataError, StageError, StageRef
 from tasks.config import Recipe, flatten
 from tasks.settings import get_settings
 
@@ -88,7 +88,12 @@ def _logger() -> Any:
 def tracked(run_id: str | None, stage: str, work: Callable[[ArtifactStore], StageRef]) -> StageRef:
     """Run one stage against the store, then log its metrics, files and cache status to ``run_id``."""
     started = time.perf_counter()
-    ref = work(store())
+    try:
+        ref = work(store())
+    except DataError as exc:  # the user's to fix: keep it one line, and say which stage found it
+        raise exc if str(exc).startswith(stage) else DataError(f"{stage}: {exc}") from None
+    except Exception as exc:
+        raise StageError(stage, f"{type(exc).__name__}: {exc}") from exc
     seconds = time.perf_counter() - started
     status = "hit" if ref.cache_hit else "miss"
     _logger().info("%s: cache %s (%s), %.2fs, rows %s", stage, status, ref.fingerprint[:12], seconds, ref.rows)

@@ -105,3 +105,96 @@ def log_text_classifier(run_id: str, bundle_dir: Path, example_texts: list[str],
             metadata={"labels": labels, "task": "text-classification"},
         )
     return info.model_uri
+
+
+# ---------------------------------------------------------------- image classification
+
+IMAGE_BUNDLE_FILES = ("model.pt", "normalization.json", "labels.json", "bundle.json")
+
+
+def pixel_rows(values: Any, n_pixels: int) -> np.ndarray:
+    """The ``pixels`` cells of a DataFrame as a (n, n_pixels) uint8 array; ValueError naming a bad row.
+
+    A cell is a flat list or numpy array of ``n_pixels`` integers 0-255, row-major.
+    """
+    rows = []
+    for index, cell in enumerate(values):
+        if cell is None:
+            raise ValueError(f"pixels row {index}: missing")
+        row = np.asarray(cell).reshape(-1)
+        if row.size != n_pixels:
+            raise ValueError(f"pixels row {index}: {row.size} values, expected {n_pixels}")
+        if row.dtype.kind == "f" and not np.all(np.mod(row, 1) == 0):
+            raise ValueError(f"pixels row {index}: expected integers 0-255, got fractions")
+        if row.min() < 0 or row.max() > 255:
+            raise ValueError(f"pixels row {index}: values outside 0-255 (min {row.min()}, max {row.max()})")
+        rows.append(row.astype(np.uint8))
+    return np.stack(rows) if rows else np.zeros((0, n_pixels), dtype=np.uint8)
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around a trained image classifier and the normalisation it was trained with."""
+
+    def load_context(self, context: Any) -> None:
+        import torch
+
+        from models.mlp import ImageClassifier
+
+        bundle = Path(context.artifacts["bundle"])
+        ckpt = torch.load(bundle / "model.pt", map_location="cpu", weights_only=False)
+        self.model = ImageClassifier.from_checkpoint(ckpt).eval()
+        self.labels: list[str] = json.loads((bundle / "labels.json").read_text())
+        self.normalization = json.loads((bundle / "normalization.json").read_text())
+
+    def predict_pixels(self, pixels: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Predicted labels and class probabilities (n, C) for flat uint8 images (n, H*W)."""
+        from tasks.vision.train import predict_proba
+
+        probs = predict_proba(self.model, pixels, self.normalization["mean"], self.normalization["std"])
+        return [self.labels[i] for i in probs.argmax(1)], probs
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame):
+            if "pixels" not in model_input.columns:
+                raise ValueError(f"input needs a 'pixels' column; got {list(model_input.columns)}")
+            cells = model_input["pixels"].tolist()
+        else:
+            cells = list(model_input)
+        if not cells:
+            return pd.DataFrame({"label": [], "score": [], "probabilities": []})
+        pixels = pixel_rows(cells, self.model.in_features)
+        labels, probs = self.predict_pixels(pixels)
+        return pd.DataFrame({"label": labels, "score": probs.max(1).astype(float),
+                             "probabilities": [row.astype(float).tolist() for row in probs]})
+
+
+def image_signature() -> ModelSignature:
+    """Pixels in (one list of ints 0-255 per image, row-major); label, score and per-class probabilities out."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array("long"), "pixels")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"),
+                        ColSpec(Array("double"), "probabilities")]),
+    )
+
+
+def log_image_classifier(run_id: str, bundle_dir: Path, example_pixels: list[list[int]], labels: list[str],
+                         image_shape: list[int]) -> str:
+    """Log the image bundle as a pyfunc under run ``run_id``; return the logged model's URI."""
+    import models
+    import tasks
+
+    code = [str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)]
+    example = pd.DataFrame({"pixels": [[int(v) for v in row] for row in example_pixels[:3]]})
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImageClassifierModel(),
+            artifacts={"bundle": str(bundle_dir)},
+            code_paths=code,
+            signature=image_signature(),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata={"labels": labels, "task": "image-classification", "image_shape": list(image_shape),
+                      "input": "pixels: H*W integers 0-255, row-major"},
+        )
+    return info.model_uri

@@ -261,4 +261,8 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
 @task(name="split", cache_policy=NONE)
 def split_task(recipe: Recipe, cleaned: StageRef, run_id: str | None, force: bool = False) -> StageRef:
     """Seeded, stratified, leakage-free train / validation / test split."""
+    if recipe.task == "image-classification":
+        from tasks.vision import split as vision_split
+
+        return tracked(run_id, STAGE, lambda store: vision_split.run(recipe, cleaned, store, force))
     return tracked(run_id, STAGE, lambda store: run(recipe, cleaned, store, force))

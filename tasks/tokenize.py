@@ -349,4 +349,8 @@ def load_labels(ref: StageRef) -> list[str]:
 @task(name="tokenize", cache_policy=NONE)
 def tokenize_task(recipe: Recipe, split_ref: StageRef, run_id: str | None, force: bool = False) -> StageRef:
     """Train the WordPiece tokenizer on train only; encode every split."""
+    if recipe.task == "image-classification":
+        from tasks.vision import normalize as vision_normalize
+
+        return tracked(run_id, vision_normalize.STAGE, lambda store: vision_normalize.run(recipe, split_ref, store, force))
     return tracked(run_id, STAGE, lambda store: run(recipe, split_ref, store, force))

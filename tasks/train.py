@@ -1,9 +1,10 @@
 """Stage: train. Fits the from-scratch Transformer classifier on the (augmented) train split.
 
-AdamW with decoupled weight decay (not on biases, norms or embeddings' padding), linear warmup then
-linear decay, gradient clipping, dropout from the model config; dynamic padding with length-bucketed
-batches; CUDA with bf16 autocast when present, else CPU; seeded so a CPU rerun is identical; early
-stopping on the validation metric; a checkpoint after every epoch under
+AdamW with decoupled weight decay (or Adam: ``train.optimizer``; no decay on biases, norms or
+embeddings), linear warmup then linear decay (or a constant rate: ``train.schedule``), gradient
+clipping, dropout from the model config; dynamic padding with length-bucketed batches; CUDA with
+bf16 autocast when present, else CPU; seeded so a CPU rerun is identical; early stopping on the
+validation metric; a checkpoint after every epoch under
 ``$NIGHTSHIFT_HOME/checkpoints/train/<fingerprint>/`` so an interrupted run resumes where it stopped.
 
 Run alone: ``python -m flows.train_model --config configs/sst2.yaml`` (after prepare_data).
@@ -117,6 +118,34 @@ def warmup_linear(total_steps: int, warmup_fraction: float) -> Callable[[int], f
     return factor
 
 
+def warmup_constant(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over the warmup steps, then constant (no warmup when the fraction is 0)."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    return lambda step: (step + 1) / warmup if step < warmup else 1.0
+
+
+def lr_multiplier(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
+    """The LR multiplier per step that ``train.schedule`` and ``train.warmup_fraction`` ask for."""
+    make = warmup_constant if cfg.schedule == "constant" else warmup_linear
+    return make(total_steps, cfg.warmup_fraction)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW (decoupled decay, betas 0.9/0.98) or Adam (torch defaults, decay as L2).
+
+    Either way biases, norms and embeddings are not decayed (:func:`param_groups`).
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> float:
+    """Clip the gradient norm to ``max_norm`` (None: leave it); return the norm before clipping."""
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if max_norm is None else max_norm))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, LayerNorm weights and embeddings are not shrunk."""
     decay, no_decay = [], []
@@ -186,8 +215,8 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, cfg.warmup_fraction))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, cfg))
     result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_score=-math.inf)
     start_epoch, bad_epochs, step = 1, 0, 0
 
@@ -217,7 +246,7 @@ def fit(
                 _, loss = model(ids, mask, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = clip_gradients(model, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -334,7 +363,12 @@ def train_task(recipe: Recipe, augmented: StageRef, tokenized: StageRef, run_id:
         steps.flush()
 
     def work(store: ArtifactStore) -> StageRef:
-        ref = run(recipe, augmented, tokenized, store, get_settings().checkpoints_root, force, steps.add, on_epoch)
+        train_run = run
+        if recipe.task == "image-classification":
+            from tasks.vision import train as vision_train
+
+            train_run = vision_train.run
+        ref = train_run(recipe, augmented, tokenized, store, get_settings().checkpoints_root, force, steps.add, on_epoch)
         steps.flush()
         return ref
 

@@ -628,4 +628,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
 @task(name="validate", cache_policy=NONE)
 def validate_task(recipe: Recipe, ingested: StageRef, run_id: str | None, force: bool = False) -> StageRef:
     """Check the ingested data; write the validation report; fail above the recipe's thresholds."""
+    if recipe.task == "image-classification":
+        from tasks.vision import validate as vision_validate
+
+        return tracked(run_id, STAGE, lambda store: vision_validate.run(recipe, ingested, store, force))
     return tracked(run_id, STAGE, lambda store: run(recipe, ingested, store, force))

@@ -1,0 +1,166 @@
+"""Clean stage for image recipes: drop blank, conflicting and duplicate images into rejects with reasons.
+
+Input: the validate output (``train.parquet``, optional ``test.parquet``). Per split, in this order:
+
+* blank: an image with a single grey level holds no digit (an empty or corrupt scan):
+  ``"blank image (every pixel is 0)"``; always dropped;
+* conflicts (``clean.drop_conflicts``): every row whose identical image appears with more than one
+  label: ``"conflicting labels: same image as <first id> labelled 3, 5"``;
+* duplicates (``clean.dedupe``): a row with the same pixels and label as an earlier row, keeping
+  the first: ``"duplicate of <first id>"``.
+
+Output: ``train.parquet`` / ``test.parquet`` (the kept rows, order kept), ``rejects.parquet``
+(``id, split, reason, label, pixels``, so a rejected image can be looked at), ``clean_report.json``,
+``rejects_sample.csv`` and ``rejects_sample.png``. Rows in = rows out + rows rejected, per split.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
+from tasks.config import CleanConfig, Recipe
+from tasks.ingest import metric_name, reason_kind, rejects_sample, write_csv_sample
+from tasks.validate import codes, conflict_mask, duplicate_mask
+from tasks.vision import images
+from tasks.vision.validate import blank_mask
+
+STAGE = "clean"
+REPORT = "clean_report.json"
+SAMPLE_PNG = "rejects_sample.png"
+
+
+@dataclass
+class CleanResult:
+    """One split after cleaning: kept rows, rejected rows (with reasons and pixels), counts by reason."""
+
+    table: pa.Table
+    rejects: pa.Table
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def rejects_schema(n_pixels: int) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("label", pa.string()),
+                      ("pixels", images.pixels_type(n_pixels))])
+
+
+def image_reasons(pixels: np.ndarray, ids: list[str], labels: list[str], cfg: CleanConfig) -> list[str | None]:
+    """Why each row is dropped (None: kept), by the rules of the module docstring."""
+    n = len(pixels)
+    reasons: list[str | None] = [None] * n
+    if n == 0:
+        return reasons
+    blank = blank_mask(pixels)
+    keys, first_of_key = images.image_keys(pixels)
+    label_codes, _ = codes(pa.array(labels, pa.string()))
+    conflict = conflict_mask(keys, label_codes) if cfg.drop_conflicts else np.zeros(n, dtype=bool)
+    duplicate, first_of_row = duplicate_mask(keys, label_codes) if cfg.dedupe else (np.zeros(n, bool), None)
+    conflict_labels: dict[int, str] = {}
+    for i in np.flatnonzero(conflict):
+        if int(keys[i]) not in conflict_labels:
+            same = np.flatnonzero(keys == keys[i])
+            conflict_labels[int(keys[i])] = ", ".join(sorted({labels[j] for j in same}))
+    for i in range(n):
+        if blank[i]:
+            reasons[i] = f"blank image (every pixel is {int(pixels[i, 0])})"
+        elif conflict[i]:
+            reasons[i] = (f"conflicting labels: same image as {ids[first_of_key[keys[i]]]} "
+                          f"labelled {conflict_labels[int(keys[i])]}")
+        elif duplicate[i]:
+            reasons[i] = f"duplicate of {ids[first_of_row[i]]}"
+    return reasons
+
+
+def clean_table(table: pa.Table, cfg: CleanConfig, split: str = "train") -> CleanResult:
+    """Drop blank, conflicting and duplicate images of one canonical split (see module docstring)."""
+    table = table.select(["id", "pixels", "label"]).combine_chunks()
+    n_pixels = table.schema.field("pixels").type.list_size
+    pixels = images.to_numpy(table.column("pixels"))
+    ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
+    reasons = image_reasons(pixels, ids, labels, cfg)
+    dropped = np.array([r is not None for r in reasons], dtype=bool)
+    rejected = table.filter(pa.array(dropped))
+    rejects = pa.Table.from_arrays(
+        [rejected.column("id"), pa.array([split] * rejected.num_rows, pa.string()),
+         pa.array([r for r in reasons if r is not None], pa.string()), rejected.column("label"),
+         rejected.column("pixels")],
+        schema=rejects_schema(n_pixels),
+    )
+    stats = {"rows_input": table.num_rows, "rows_kept": int((~dropped).sum()), "rows_rejected": int(dropped.sum())}
+    for kind, count in Counter(reason_kind(r) for r in reasons if r is not None).items():
+        stats[f"rejected.{metric_name(kind)}"] = count
+    return CleanResult(table.filter(pa.array(~dropped)), rejects, stats)
+
+
+def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+    """Clean the validated images (cached by fingerprint); rows in = rows out + rejected."""
+    start = time.perf_counter()
+    config = {"dedupe": recipe.clean.dedupe, "drop_conflicts": recipe.clean.drop_conflicts}
+    code = source_hash(sys.modules[__name__], images)
+    fp = fingerprint(STAGE, config, [validated.fingerprint], code)
+    if not force:
+        hit = store.lookup(STAGE, fp)
+        if hit is not None:
+            return hit
+
+    splits = {"train": pq.read_table(validated.file("train.parquet"))}
+    if validated.file("test.parquet").exists():
+        splits["test"] = pq.read_table(validated.file("test.parquet"))
+    results = {split: clean_table(table, recipe.clean, split) for split, table in splits.items()}
+    rejects = pa.concat_tables([r.rejects for r in results.values()]).combine_chunks()
+    rows = {"input": sum(t.num_rows for t in splits.values()), "train": results["train"].table.num_rows,
+            "test": results["test"].table.num_rows if "test" in results else 0, "rejected": rejects.num_rows}
+    if rows["train"] + rows["test"] + rows["rejected"] != rows["input"]:  # pragma: no cover - invariant
+        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
+
+    by_reason = dict(Counter(reason_kind(r) for r in rejects.column("reason").to_pylist()))
+    label_counts = {split: dict(sorted(Counter(r.table.column("label").to_pylist()).items()))
+                    for split, r in results.items()}
+    before = validated.extra.get("labels") or sorted(label_counts["train"])
+    warnings = [f"train: label {label!r} has no rows left after cleaning" for label in before
+                if not label_counts["train"].get(label)]
+    metrics: dict[str, float] = {"rows_input": rows["input"], "rows_train": rows["train"], "rows_test": rows["test"],
+                                 "rows_rejected": rows["rejected"]}
+    for split, r in results.items():
+        metrics.update({f"{split}.{k}": v for k, v in r.stats.items()})
+    metrics["duration_s"] = round(time.perf_counter() - start, 4)
+    image_shape = validated.extra["image_shape"]
+    report: dict[str, Any] = {"rows": rows, "splits": {s: r.stats for s, r in results.items()},
+                              "rejects_by_reason": by_reason, "label_counts": label_counts, "config": config,
+                              "warnings": warnings}
+    extra = {
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "log_files": [REPORT, "rejects_sample.csv", SAMPLE_PNG],
+        "labels": sorted(label_counts["train"]),
+        "label_counts": label_counts,
+        "rejects_by_reason": by_reason,
+        "warnings": warnings,
+        "has_test": "test" in results,
+        "image_shape": image_shape,
+    }
+    target = store.path(STAGE, fp)
+    if target.exists():  # force=True: replace the stored output
+        shutil.rmtree(target)
+    with store.writer(STAGE, fp) as w:
+        for split, r in results.items():
+            w.write_table(f"{split}.parquet", r.table)
+        w.write_table("rejects.parquet", rejects)
+        w.write_json(REPORT, report)
+        sample = rejects_sample(rejects)
+        write_csv_sample(w.path / "rejects_sample.csv", sample.drop_columns(["pixels"]))
+        shown = sample.slice(0, 36)
+        images.grid_png(images.to_numpy(shown.column("pixels")), image_shape,
+                        [f"{images.short_id(i)}\n{reason_kind(r)}" for i, r in zip(shown.column("id").to_pylist(),
+                                                                 shown.column("reason").to_pylist())],
+                        w.path / SAMPLE_PNG, "rejected images (id, reason)")
+        ref = w.write_manifest(config=config, inputs=[validated.fingerprint], code=code, rows=rows, extra=extra)
+    return ref

@@ -1,0 +1,129 @@
+"""Split stage for image recipes: seeded, stratified, leakage-free train / validation (/ test) split.
+
+Input: the clean output (``train.parquet``, optional ``test.parquet``). The validation split is a
+``split.validation_fraction`` slice of train; without a test file a ``split.test_fraction`` slice
+becomes the test split too. The official test file, when there is one, is kept whole.
+
+Identical images form one group that is never divided between splits (they only exist when
+``clean.dedupe`` is off), and a train image identical to a test image is rejected (``"leaks into
+test: same image as <test id>"``). Groups are numbered in the byte order of their pixels and drawn
+per label with :func:`tasks.split.assign_groups` (a seeded :class:`numpy.random.Generator`), so the
+split depends on the set of images and the seed, not on the input order.
+
+Output: ``train.parquet``, ``validation.parquet``, ``test.parquet``, ``rejects.parquet``, ``split_stats.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import split as text_split
+from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
+from tasks.config import Recipe, SplitConfig
+from tasks.split import TEST, TRAIN, VALIDATION, SplitResult, assign_groups, label_counts
+from tasks.vision import images
+
+STAGE = "split"
+SPLITS = ("train", "validation", "test")
+REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("label", pa.string())])
+
+
+def group_labels(keys: np.ndarray, label_codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Label code of each group: its most frequent label (ties: the smallest code)."""
+    counts = np.zeros((n_groups, int(label_codes.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (keys, label_codes), 1)
+    return counts.argmax(axis=1)
+
+
+def split_tables(train: pa.Table, test: pa.Table | None, cfg: SplitConfig) -> SplitResult:
+    """Split ``train`` (rejecting its images that also occur in ``test``) as the module docstring says."""
+    train = train.select(["id", "pixels", "label"]).combine_chunks()
+    rejects = pa.Table.from_batches([], schema=REJECTS_SCHEMA)
+    if test is not None:
+        test = test.select(["id", "pixels", "label"]).combine_chunks()
+        leaked, match = images.shared_images(images.to_numpy(train.column("pixels")),
+                                             images.to_numpy(test.column("pixels")))
+        if leaked.any():
+            test_ids = test.column("id").to_pylist()
+            bad = train.filter(pa.array(leaked))
+            rejects = pa.table({
+                "id": bad.column("id"),
+                "reason": pa.array([f"leaks into test: same image as {test_ids[j]}" for j in match[leaked]], pa.string()),
+                "label": bad.column("label"),
+            }, schema=REJECTS_SCHEMA)
+            train = train.filter(pa.array(~leaked))
+        fractions: tuple[float, ...] = (cfg.validation_fraction,)
+    else:
+        fractions = (cfg.validation_fraction, cfg.test_fraction)
+    if train.num_rows == 0:
+        raise DataError(f"{STAGE}: train.parquet: no rows left to split")
+
+    keys, _ = images.image_keys(images.to_numpy(train.column("pixels")))
+    names, label_codes = np.unique(np.asarray(train.column("label").to_pylist(), dtype=str), return_inverse=True)
+    label_names = [str(name) for name in names]
+    label_codes = label_codes.reshape(-1).astype(np.int64)
+    n_groups = int(keys.max()) + 1
+    group_size = np.bincount(keys, minlength=n_groups)
+    group_split, warnings = assign_groups(group_labels(keys, label_codes, n_groups), group_size, fractions, cfg.seed,
+                                          label_names)
+    row_split = group_split[keys]
+    if test is not None:
+        unseen = sorted(set(test.column("label").to_pylist()) - set(label_names))
+        if unseen:
+            warnings.append(f"test labels never seen in train: {unseen}")
+    parts = {code: train.filter(pa.array(row_split == code)) for code in (TRAIN, VALIDATION, TEST)}
+    return SplitResult(train=parts[TRAIN], validation=parts[VALIDATION],
+                       test=test if test is not None else parts[TEST], rejects=rejects, warnings=warnings,
+                       groups=n_groups)
+
+
+def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+    """Split the cleaned images into train / validation / test (cached by fingerprint)."""
+    config = recipe.split.model_dump(mode="json")
+    code = source_hash(sys.modules[__name__], images, text_split)
+    fp = fingerprint(STAGE, config, [cleaned.fingerprint], code)
+    if not force:
+        hit = store.lookup(STAGE, fp)
+        if hit is not None:
+            return hit
+    target = store.path(STAGE, fp)
+    if target.exists():
+        shutil.rmtree(target)
+
+    train_in = pq.read_table(cleaned.file("train.parquet"))
+    test_path = cleaned.file("test.parquet")
+    test_in = pq.read_table(test_path) if test_path.exists() else None
+    result = split_tables(train_in, test_in, recipe.split)
+    n_input = train_in.num_rows + (test_in.num_rows if test_in is not None else 0)
+    rows = {"input": n_input, "train": result.train.num_rows, "validation": result.validation.num_rows,
+            "test": result.test.num_rows, "rejected": result.rejects.num_rows}
+    if rows["train"] + rows["validation"] + rows["test"] + rows["rejected"] != n_input:  # pragma: no cover
+        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
+    counts = {name: label_counts(getattr(result, name)) for name in SPLITS}
+    metrics: dict[str, float] = {f"rows_{k}": float(v) for k, v in rows.items()}
+    metrics["leaked_rows"] = float(result.rejects.num_rows)
+    metrics["num_labels"] = float(len(counts["train"]))
+    n_pool = rows["train"] + rows["validation"] + (rows["test"] if test_in is None else 0)
+    metrics["validation_fraction"] = rows["validation"] / n_pool if n_pool else 0.0
+    extra = {
+        "labels": sorted(counts["train"]),
+        "label_counts": counts,
+        "test_source": "file" if test_in is not None else "split",
+        "warnings": result.warnings,
+        "image_shape": cleaned.extra["image_shape"],
+        "metrics": metrics,
+        "log_files": ["split_stats.json", "rejects.parquet"],
+    }
+    with store.writer(STAGE, fp) as w:
+        for name in SPLITS:
+            w.write_table(f"{name}.parquet", getattr(result, name))
+        w.write_table("rejects.parquet", result.rejects)
+        w.write_json("split_stats.json", {"rows": rows, "label_counts": counts, "warnings": result.warnings,
+                                          "groups": result.groups})
+        ref = w.write_manifest(config=config, inputs=[cleaned.fingerprint], code=code, rows=rows, extra=extra)
+    return ref

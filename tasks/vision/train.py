@@ -1,0 +1,254 @@
+"""Stage: train, for image recipes. Fits the recipe's image model (:mod:`models.mlp`) on the train split.
+
+The mechanics are the text stage's (:mod:`tasks.train`, whose helpers this reuses): the optimizer of
+``train.optimizer`` (``adam`` for the founding document's run), the ``train.schedule`` learning
+rate, optional gradient clipping (``train.grad_clip: null`` for none), seeded initialisation,
+dropout and per-epoch shuffling (a CPU rerun is identical), early stopping on the validation metric
+with the best epoch's weights kept, CUDA with bf16 autocast when present, and a checkpoint after every
+epoch under ``$NIGHTSHIFT_HOME/checkpoints/train/<fingerprint>/`` so an interrupted run resumes.
+
+Pixels stay uint8 until a batch is drawn, then go through :func:`tasks.vision.normalize.normalize`
+with the mean/std the normalize stage measured on the train split; those travel in the model file
+and in ``normalization.json`` next to it, so evaluation and serving normalise identically.
+
+Run alone: ``python -m flows.train_model --config configs/mnist.yaml`` (after prepare_data).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+import models.mlp
+from models.mlp import ImageClassifier, MLPConfig
+from tasks import train as text_train
+from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
+from tasks.config import Recipe, TrainConfig
+from tasks.train import FitResult, clip_gradients, curves_png, lr_multiplier, make_optimizer, resolve_device, score
+from tasks.vision import images
+from tasks.vision.normalize import LABELS_FILE, NORMALIZATION_FILE, normalize
+
+STAGE = "train"
+MODEL_FILE = "model.pt"
+PREDICT_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split as arrays: flat uint8 pixels (n, H*W) and label ids (n,)."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> ImageSplit:
+        return cls(images.to_numpy(table.column("pixels")), table.column("label_id").to_numpy().astype(np.int64))
+
+    @classmethod
+    def read(cls, path: Path) -> ImageSplit:
+        return cls.from_table(pq.read_table(path, columns=["pixels", "label_id"]))
+
+
+def shuffled_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A random permutation of ``range(n)`` cut into batches (the last one may be smaller)."""
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def batch_tensor(pixels: np.ndarray, index: np.ndarray | slice, mean: float, std: float) -> torch.Tensor:
+    """Normalised float32 pixels (B, H*W) of the rows ``index``."""
+    return torch.from_numpy(normalize(pixels[index], mean, std))
+
+
+@torch.no_grad()
+def predict_proba(
+    model: ImageClassifier, pixels: np.ndarray, mean: float, std: float, device: torch.device | None = None,
+    batch_size: int = PREDICT_BATCH,
+) -> np.ndarray:
+    """Class probabilities (n, C) of flat uint8 images (n, H*W), in row order."""
+    device = device or torch.device("cpu")
+    model.eval()
+    out = np.zeros((len(pixels), model.num_classes), dtype=np.float32)
+    for start in range(0, len(pixels), batch_size):
+        part = slice(start, start + batch_size)
+        x = batch_tensor(pixels, part, mean, std).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _ = model(x)
+        out[part] = torch.softmax(logits.float(), -1).cpu().numpy()
+    return out
+
+
+def fit(
+    model: ImageClassifier,
+    train: ImageSplit,
+    validation: ImageSplit,
+    cfg: TrainConfig,
+    primary_metric: str,
+    mean: float,
+    std: float,
+    checkpoint_dir: Path | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` with early stopping on ``primary_metric``; resume from ``checkpoint_dir/last.pt``."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, cfg))
+    result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_score=-math.inf)
+    start_epoch, bad_epochs, step = 1, 0, 0
+
+    last = checkpoint_dir / "last.pt" if checkpoint_dir else None
+    if last is not None and last.exists():
+        ckpt = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        result = ckpt["result"]
+        start_epoch, bad_epochs, step = ckpt["epoch"] + 1, ckpt["bad_epochs"], ckpt["step"]
+        result.resumed_from_epoch = ckpt["epoch"]
+
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None, file=sys.stderr)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if step >= total_steps or bad_epochs >= cfg.patience:
+            break
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: a resumed run shuffles the same
+        losses = []
+        for index in shuffled_batches(len(train), cfg.batch_size, rng):
+            if step >= total_steps:
+                break
+            x = batch_tensor(train.pixels, index, mean, std).to(device)
+            y = torch.from_numpy(train.labels[index]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(model, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            progress.update(1)
+            if on_step is not None:
+                on_step(step, {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
+        probs = predict_proba(model, validation.pixels, mean, std, device)
+        val = score(validation.labels, probs.argmax(1))
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   **{f"val_{k}": v for k, v in val.items()}}
+        result.history.append(metrics)
+        progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{val[primary_metric]:.4f}")
+        if val[primary_metric] > result.best_score:
+            result.best_score, result.best_epoch, bad_epochs = val[primary_metric], epoch, 0
+            result.best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+        result.steps = step
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if last is not None:
+            last.parent.mkdir(parents=True, exist_ok=True)
+            tmp = last.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "result": result,
+                        "epoch": epoch, "bad_epochs": bad_epochs, "step": step}, tmp)
+            tmp.replace(last)  # a crash mid-save keeps the previous checkpoint intact
+    progress.close()
+    model.load_state_dict(result.best_state)
+    return result
+
+
+def config_for_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """What decides the trained weights besides the data: model and training settings."""
+    train = recipe.train.model_dump(mode="json")
+    train.pop("num_threads")  # speed only, not the result
+    return {"model": recipe.model.model_dump(mode="json"), "train": train,
+            "primary_metric": recipe.evaluate.primary_metric}
+
+
+def build_model(cfg: MLPConfig, image_shape: list[int] | tuple[int, int], num_classes: int, seed: int) -> ImageClassifier:
+    """The recipe's network, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return ImageClassifier(cfg, (int(image_shape[0]), int(image_shape[1])), num_classes)
+
+
+def load_model(ref: StageRef) -> tuple[ImageClassifier, dict[str, Any]]:
+    """The trained model of a train stage directory and its checkpoint's metadata (labels, normalization)."""
+    ckpt = torch.load(ref.file(MODEL_FILE), map_location="cpu", weights_only=False)
+    return ImageClassifier.from_checkpoint(ckpt), {k: ckpt[k] for k in ("labels", "normalization") if k in ckpt}
+
+
+def run(
+    recipe: Recipe,
+    augmented: StageRef,
+    normalized: StageRef,
+    store: ArtifactStore,
+    checkpoints_root: Path,
+    force: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> StageRef:
+    """Train on ``augmented/train.parquet``, early-stop on ``normalized/validation.parquet``; store the model."""
+    if not isinstance(recipe.model, MLPConfig):  # pragma: no cover - the recipe validator guarantees it
+        raise TypeError(f"{STAGE}: image recipes need an image model, got {type(recipe.model).__name__}")
+    config = config_for_fingerprint(recipe)
+    code = source_hash(sys.modules[__name__], models.mlp, text_train)
+    fp = fingerprint(STAGE, config, [augmented.fingerprint, normalized.fingerprint], code)
+    if force:
+        shutil.rmtree(store.path(STAGE, fp), ignore_errors=True)
+    elif (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    train = ImageSplit.read(augmented.file("train.parquet"))
+    validation = ImageSplit.read(normalized.file("validation.parquet"))
+    labels = json.loads(normalized.file(LABELS_FILE).read_text())
+    normalization = json.loads(normalized.file(NORMALIZATION_FILE).read_text())
+    mean, std = normalization["mean"], normalization["std"]
+    model = build_model(recipe.model, normalization["image_shape"], len(labels), recipe.train.seed)
+    checkpoint_dir = checkpoints_root / STAGE / fp
+    started = time.perf_counter()
+    result = fit(model, train, validation, recipe.train, recipe.evaluate.primary_metric, mean, std,
+                 checkpoint_dir, on_step, on_epoch)
+    seconds = time.perf_counter() - started
+    with store.writer(STAGE, fp) as w:
+        torch.save(model.cpu().checkpoint(labels=labels, normalization=normalization), w.path / MODEL_FILE)
+        w.write_json(LABELS_FILE, labels)
+        w.write_json(NORMALIZATION_FILE, normalization)
+        w.write_json("history.json", result.history)
+        curves_png(result.history, w.path / "training_curves.png", recipe.evaluate.primary_metric)
+        metrics = {"best_epoch": result.best_epoch, f"best_val_{recipe.evaluate.primary_metric}": result.best_score,
+                   "steps": result.steps, "train_seconds": seconds, "parameters": model.num_parameters(),
+                   "train_rows": len(train)}
+        ref = w.write_manifest(
+            config=config, inputs=[augmented.fingerprint, normalized.fingerprint], code=code,
+            rows={"train": len(train), "validation": len(validation)},
+            extra={"metrics": metrics, "log_files": ["training_curves.png", "history.json", NORMALIZATION_FILE],
+                   "resumed_from_epoch": result.resumed_from_epoch, "labels": labels, "task": recipe.task,
+                   "model_kind": recipe.model.kind, "normalization": normalization},
+        )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the stored model supersedes the checkpoint
+    return ref
