@@ -164,19 +164,45 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Loader:
+    """How :func:`fit_loader` reads one split, whatever the modality (text here, images in tasks.vision)."""
+
+    labels: np.ndarray  # (n,) class ids
+    batches: Callable[[np.random.Generator | None], list[np.ndarray]]  # index batches; None: fixed order
+    inputs: Callable[[np.ndarray], tuple[torch.Tensor, ...]]  # the model's inputs for one index batch (CPU)
+
+
+def text_loader(split: EncodedSplit, batch_size: int, pad_id: int) -> Loader:
+    """Length-bucketed, dynamically padded batches of token ids: inputs (ids, mask)."""
+    return Loader(
+        labels=split.labels,
+        batches=lambda rng: length_bucketed_batches(split.lengths, batch_size, rng),
+        inputs=lambda index: collate(split, index, pad_id)[:2],
+    )
+
+
 @torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader: Loader, device: torch.device) -> np.ndarray:
+    """Class probabilities (n, C) in the loader's row order."""
+    model.eval()
+    out: np.ndarray | None = None
+    for index in loader.batches(None):
+        inputs = [t.to(device) for t in loader.inputs(index)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _ = model(*inputs)
+        probs = torch.softmax(logits.float(), -1).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(loader.labels), probs.shape[1]), dtype=np.float32)
+        out[index] = probs
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
 def predict_proba(
     model: torch.nn.Module, split: EncodedSplit, pad_id: int, device: torch.device, batch_size: int = 256
 ) -> np.ndarray:
-    """Class probabilities (n, C) in the split's row order."""
-    model.eval()
-    out = np.zeros((len(split), model.head.out_features), dtype=np.float32)
-    for index in length_bucketed_batches(split.lengths, batch_size, None):
-        ids, mask, _ = collate(split, index, pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, _ = model(ids.to(device), mask.to(device))
-        out[index] = torch.softmax(logits.float(), -1).cpu().numpy()
-    return out
+    """Class probabilities (n, C) of a token-id split, in the split's row order."""
+    return predict_loader(model, text_loader(split, batch_size, pad_id), device)
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -197,10 +223,10 @@ class FitResult:
     resumed_from_epoch: int | None = None
 
 
-def fit(
-    model: TransformerClassifier,
-    train: EncodedSplit,
-    validation: EncodedSplit,
+def fit_loader(
+    model: torch.nn.Module,
+    train: Loader,
+    validation: Loader,
     cfg: TrainConfig,
     primary_metric: str,
     checkpoint_dir: Path | None = None,
@@ -211,7 +237,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -238,12 +264,13 @@ def fit(
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: a resumed run shuffles the same
         losses = []
-        for index in length_bucketed_batches(train.lengths, cfg.batch_size, rng):
+        for index in train.batches(rng):
             if step >= total_steps:
                 break
-            ids, mask, labels = (t.to(device) for t in collate(train, index, model.pad_id))
+            inputs = [t.to(device) for t in train.inputs(index)]
+            labels = torch.from_numpy(train.labels[index]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                _, loss = model(ids, mask, labels)
+                _, loss = model(*inputs, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, cfg.grad_clip)
@@ -254,7 +281,7 @@ def fit(
             progress.update(1)
             if on_step is not None:
                 on_step(step, {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
-        val = score(validation.labels, predict_proba(model, validation, model.pad_id, device).argmax(1))
+        val = score(validation.labels, predict_loader(model, validation, device).argmax(1))
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    **{f"val_{k}": v for k, v in val.items()}}
         result.history.append(metrics)
@@ -277,6 +304,21 @@ def fit(
     progress.close()
     model.load_state_dict(result.best_state)
     return result
+
+
+def fit(
+    model: TransformerClassifier,
+    train: EncodedSplit,
+    validation: EncodedSplit,
+    cfg: TrainConfig,
+    primary_metric: str,
+    checkpoint_dir: Path | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """:func:`fit_loader` on token-id splits (length-bucketed, dynamically padded batches)."""
+    return fit_loader(model, text_loader(train, cfg.batch_size, model.pad_id), text_loader(validation, 256, model.pad_id),
+                      cfg, primary_metric, checkpoint_dir, on_step, on_epoch)
 
 
 def curves_png(history: list[dict[str, float]], path: Path, primary_metric: str) -> None:

@@ -16,9 +16,7 @@ Run alone: ``python -m flows.train_model --config configs/mnist.yaml`` (after pr
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import shutil
 import sys
 import time
@@ -31,14 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 import models.mlp
 from models.mlp import ImageClassifier, MLPConfig
 from tasks import train as text_train
 from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
 from tasks.config import Recipe, TrainConfig
-from tasks.train import FitResult, clip_gradients, curves_png, lr_multiplier, make_optimizer, resolve_device, score
+from tasks.train import FitResult, Loader, curves_png, fit_loader, predict_loader
 from tasks.vision import images
 from tasks.vision.normalize import LABELS_FILE, NORMALIZATION_FILE, normalize
 
@@ -66,9 +63,9 @@ class ImageSplit:
         return cls.from_table(pq.read_table(path, columns=["pixels", "label_id"]))
 
 
-def shuffled_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A random permutation of ``range(n)`` cut into batches (the last one may be smaller)."""
-    order = rng.permutation(n)
+def shuffled_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """``range(n)`` cut into batches, in a random permutation when ``rng`` is given."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -77,22 +74,22 @@ def batch_tensor(pixels: np.ndarray, index: np.ndarray | slice, mean: float, std
     return torch.from_numpy(normalize(pixels[index], mean, std))
 
 
-@torch.no_grad()
+def image_loader(pixels: np.ndarray, labels: np.ndarray, batch_size: int, mean: float, std: float) -> Loader:
+    """Shuffled batches of normalised pixels for :func:`tasks.train.fit_loader`."""
+    return Loader(
+        labels=labels,
+        batches=lambda rng: shuffled_batches(len(labels), batch_size, rng),
+        inputs=lambda index: (batch_tensor(pixels, index, mean, std),),
+    )
+
+
 def predict_proba(
     model: ImageClassifier, pixels: np.ndarray, mean: float, std: float, device: torch.device | None = None,
     batch_size: int = PREDICT_BATCH,
 ) -> np.ndarray:
     """Class probabilities (n, C) of flat uint8 images (n, H*W), in row order."""
-    device = device or torch.device("cpu")
-    model.eval()
-    out = np.zeros((len(pixels), model.num_classes), dtype=np.float32)
-    for start in range(0, len(pixels), batch_size):
-        part = slice(start, start + batch_size)
-        x = batch_tensor(pixels, part, mean, std).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits, _ = model(x)
-        out[part] = torch.softmax(logits.float(), -1).cpu().numpy()
-    return out
+    loader = image_loader(pixels, np.zeros(len(pixels), dtype=np.int64), batch_size, mean, std)
+    return predict_loader(model, loader, device or torch.device("cpu"))
 
 
 def fit(
@@ -107,78 +104,12 @@ def fit(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` with early stopping on ``primary_metric``; resume from ``checkpoint_dir/last.pt``."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model.to(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, cfg))
-    result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_score=-math.inf)
-    start_epoch, bad_epochs, step = 1, 0, 0
-
-    last = checkpoint_dir / "last.pt" if checkpoint_dir else None
-    if last is not None and last.exists():
-        ckpt = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        result = ckpt["result"]
-        start_epoch, bad_epochs, step = ckpt["epoch"] + 1, ckpt["bad_epochs"], ckpt["step"]
-        result.resumed_from_epoch = ckpt["epoch"]
-
-    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None, file=sys.stderr)
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if step >= total_steps or bad_epochs >= cfg.patience:
-            break
-        model.train()
-        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: a resumed run shuffles the same
-        losses = []
-        for index in shuffled_batches(len(train), cfg.batch_size, rng):
-            if step >= total_steps:
-                break
-            x = batch_tensor(train.pixels, index, mean, std).to(device)
-            y = torch.from_numpy(train.labels[index]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                _, loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            progress.update(1)
-            if on_step is not None:
-                on_step(step, {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm})
-        probs = predict_proba(model, validation.pixels, mean, std, device)
-        val = score(validation.labels, probs.argmax(1))
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   **{f"val_{k}": v for k, v in val.items()}}
-        result.history.append(metrics)
-        progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{val[primary_metric]:.4f}")
-        if val[primary_metric] > result.best_score:
-            result.best_score, result.best_epoch, bad_epochs = val[primary_metric], epoch, 0
-            result.best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-        result.steps = step
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if last is not None:
-            last.parent.mkdir(parents=True, exist_ok=True)
-            tmp = last.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "result": result,
-                        "epoch": epoch, "bad_epochs": bad_epochs, "step": step}, tmp)
-            tmp.replace(last)  # a crash mid-save keeps the previous checkpoint intact
-    progress.close()
-    model.load_state_dict(result.best_state)
-    return result
+    """:func:`tasks.train.fit_loader` on image splits: the text stage's loop, checkpoints and early stopping."""
+    return fit_loader(
+        model, image_loader(train.pixels, train.labels, cfg.batch_size, mean, std),
+        image_loader(validation.pixels, validation.labels, PREDICT_BATCH, mean, std),
+        cfg, primary_metric, checkpoint_dir, on_step, on_epoch,
+    )
 
 
 def config_for_fingerprint(recipe: Recipe) -> dict[str, Any]:
