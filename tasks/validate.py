@@ -39,6 +39,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -548,12 +549,66 @@ def _metrics(result: ValidationResult) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _write_report(directory: Path, result: ValidationResult) -> None:
+def describe_failure(check: Check) -> str:
+    """One failed check as it reads in the error: observed value against its threshold."""
+    if check.observed is None or check.threshold is None:
+        return f"{check.label} ({check.message})"
+    text = f"{check.label} {check.observed:.4g} {'>' if check.limit == 'max' else '<'} {check.threshold:g}"
+    return text + (f" ({check.message})" if check.name in ("train_rows", "num_labels") else "")
+
+
+def _write_report(directory: Path, result: ValidationResult, render: Callable[[dict[str, Any]], str]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / REPORT_JSON).write_text(
-        json.dumps(result.report, indent=2, sort_keys=True, default=str)
-    )
-    (directory / REPORT_MD).write_text(render_markdown(result.report))
+    (directory / REPORT_JSON).write_text(json.dumps(result.report, indent=2, sort_keys=True, default=str))
+    (directory / REPORT_MD).write_text(render(result.report))
+
+
+def store_result(
+    result: ValidationResult, recipe: Recipe, ingested: StageRef, store: ArtifactStore, *, fp: str,
+    config: dict[str, Any], code: str, metrics: dict[str, float], started: float,
+    render: Callable[[dict[str, Any]], str], extra: dict[str, Any] | None = None,
+) -> StageRef:
+    """The tail shared by the text and image validate stages.
+
+    Checks the row accounting; on a failed check writes the report to ``failed-<fp>/`` and raises a
+    one-line DataError; otherwise stores the passing rows, rejects and report as the stage output.
+    """
+    rows = {k: int(result.report["rows"][k]) for k in ("input", "train", "test", "rejected")}
+    if rows["train"] + rows["test"] + rows["rejected"] != rows["input"]:  # pragma: no cover - invariant
+        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
+
+    if result.failed:
+        failed_dir = store.root / STAGE / f"failed-{fp}"
+        shutil.rmtree(failed_dir, ignore_errors=True)
+        _write_report(failed_dir, result, render)
+        pq.write_table(result.rejects, failed_dir / "rejects.parquet", compression="zstd")
+        problems = "; ".join(describe_failure(c) for c in result.failed)
+        raise DataError(f"{STAGE} failed: {problems} (report: {failed_dir / REPORT_MD})")
+
+    metrics["duration_s"] = round(time.perf_counter() - started, 4)
+    train_counts = result.report["splits"]["train"]["labels"]["counts"]
+    extra = {
+        "metrics": metrics,
+        "log_files": [REPORT_JSON, REPORT_MD, "rejects_sample.csv"],
+        "status": result.report["status"],
+        "warnings": result.warnings,
+        "checks": [{"name": c.name, "split": c.split, "status": c.status, "observed": c.observed,
+                    "threshold": c.threshold} for c in result.checks],
+        "labels": list(recipe.data.labels) if recipe.data.labels is not None else sorted(train_counts),
+        "label_counts": {split: s["labels"]["counts"] for split, s in result.report["splits"].items()},
+        "rejects_by_reason": result.report["rejects_by_reason"],
+        "has_test": result.test is not None,
+        **(extra or {}),
+    }
+    shutil.rmtree(store.path(STAGE, fp), ignore_errors=True)  # force=True: replace the stored output
+    with store.writer(STAGE, fp) as w:
+        w.write_table("train.parquet", result.train)
+        if result.test is not None:
+            w.write_table("test.parquet", result.test)
+        w.write_table("rejects.parquet", result.rejects)
+        _write_report(w.path, result, render)
+        write_csv_sample(w.path / "rejects_sample.csv", rejects_sample(result.rejects))
+        return w.write_manifest(config=config, inputs=[ingested.fingerprint], code=code, rows=rows, extra=extra)
 
 
 def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
@@ -579,50 +634,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     result = validate_tables(
         train, test, recipe.validate_, recipe.data.labels, recipe.tokenizer.max_length, ingested.rows
     )
-    rows = {k: int(result.report["rows"][k]) for k in ("input", "train", "test", "rejected")}
-    if rows["train"] + rows["test"] + rows["rejected"] != rows["input"]:  # pragma: no cover - invariant
-        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
-
-    if result.failed:
-        failed_dir = store.root / STAGE / f"failed-{fp}"
-        if failed_dir.exists():
-            shutil.rmtree(failed_dir)
-        _write_report(failed_dir, result)
-        pq.write_table(result.rejects, failed_dir / "rejects.parquet", compression="zstd")
-        problems = "; ".join(
-            f"{c.label} {c.observed:.4g} {'>' if c.limit == 'max' else '<'} {c.threshold:g}"
-            + (f" ({c.message})" if c.name in ("train_rows", "num_labels") else "")
-            for c in result.failed
-        )
-        raise DataError(f"validate failed: {problems} (report: {failed_dir / REPORT_MD})")
-
-    metrics = _metrics(result)
-    metrics["duration_s"] = round(time.perf_counter() - start, 4)
-    train_counts = result.report["splits"]["train"]["labels"]["counts"]
-    extra = {
-        "metrics": metrics,
-        "log_files": [REPORT_JSON, REPORT_MD, "rejects_sample.csv"],
-        "status": result.report["status"],
-        "warnings": result.warnings,
-        "checks": [{"name": c.name, "split": c.split, "status": c.status, "observed": c.observed,
-                    "threshold": c.threshold} for c in result.checks],
-        "labels": list(recipe.data.labels) if recipe.data.labels is not None else sorted(train_counts),
-        "label_counts": {split: s["labels"]["counts"] for split, s in result.report["splits"].items()},
-        "rejects_by_reason": result.report["rejects_by_reason"],
-        "has_test": result.test is not None,
-    }
-    target = store.path(STAGE, fp)
-    if target.exists():  # force=True: replace the stored output
-        shutil.rmtree(target)
-    with store.writer(STAGE, fp) as w:
-        w.write_table("train.parquet", result.train)
-        if result.test is not None:
-            w.write_table("test.parquet", result.test)
-        w.write_table("rejects.parquet", result.rejects)
-        _write_report(w.path, result)
-        write_csv_sample(w.path / "rejects_sample.csv", rejects_sample(result.rejects))
-        ref = w.write_manifest(config=config, inputs=[ingested.fingerprint], code=code, rows=rows, extra=extra)
-    return ref
+    return store_result(result, recipe, ingested, store, fp=fp, config=config, code=code,
+                        metrics=_metrics(result), started=start, render=render_markdown)
 
 
 @task(name="validate", cache_policy=NONE)

@@ -25,13 +25,10 @@ above its threshold fails, a nonzero one at or below it warns; on failure the re
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,13 +38,11 @@ import pyarrow.parquet as pq
 from tasks import validate as text_validate
 from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
 from tasks.config import Recipe, ValidateConfig
-from tasks.ingest import metric_name, reason_kind, rejects_sample, write_csv_sample
+from tasks.ingest import metric_name, reason_kind
 from tasks.validate import FAIL, OK, WARN, Check, ValidationResult, conflict_mask, duplicate_mask, label_balance
 from tasks.vision import images
 
 STAGE = "validate"
-REPORT_JSON = "validation_report.json"
-REPORT_MD = "validation_report.md"
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("label", pa.string())])
 FAINT_BELOW = 128
 EXAMPLES = 10
@@ -387,12 +382,6 @@ def _metrics(result: ValidationResult) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _write_report(directory: Path, result: ValidationResult) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / REPORT_JSON).write_text(json.dumps(result.report, indent=2, sort_keys=True, default=str))
-    (directory / REPORT_MD).write_text(render_markdown(result.report))
-
-
 def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
     """Validate the ingested images (cached by fingerprint); DataError when a check fails.
 
@@ -414,47 +403,6 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     test = pq.read_table(test_path) if test_path.exists() else None
     test_shape = ingested.extra.get("image_shapes", {}).get("test")
     result = validate_tables(train, test, recipe.validate_, recipe.data.labels, image_shape, ingested.rows, test_shape)
-    rows = {k: int(result.report["rows"][k]) for k in ("input", "train", "test", "rejected")}
-    if rows["train"] + rows["test"] + rows["rejected"] != rows["input"]:  # pragma: no cover - invariant
-        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
-
-    if result.failed:
-        failed_dir = store.root / STAGE / f"failed-{fp}"
-        shutil.rmtree(failed_dir, ignore_errors=True)
-        _write_report(failed_dir, result)
-        pq.write_table(result.rejects, failed_dir / "rejects.parquet", compression="zstd")
-        problems = "; ".join(
-            f"{c.label} {c.observed:.4g} {'>' if c.limit == 'max' else '<'} {c.threshold:g}"
-            if c.observed is not None and c.threshold is not None else f"{c.label} ({c.message})"
-            for c in result.failed
-        )
-        raise DataError(f"{STAGE} failed: {problems} (report: {failed_dir / REPORT_MD})")
-
-    metrics = _metrics(result)
-    metrics["duration_s"] = round(time.perf_counter() - start, 4)
-    train_counts = result.report["splits"]["train"]["labels"]["counts"]
-    extra = {
-        "metrics": metrics,
-        "log_files": [REPORT_JSON, REPORT_MD, "rejects_sample.csv"],
-        "status": result.report["status"],
-        "warnings": result.warnings,
-        "checks": [{"name": c.name, "split": c.split, "status": c.status, "observed": c.observed,
-                    "threshold": c.threshold} for c in result.checks],
-        "labels": list(recipe.data.labels) if recipe.data.labels is not None else sorted(train_counts),
-        "label_counts": {split: s["labels"]["counts"] for split, s in result.report["splits"].items()},
-        "rejects_by_reason": result.report["rejects_by_reason"],
-        "has_test": result.test is not None,
-        "image_shape": list(image_shape),
-    }
-    target = store.path(STAGE, fp)
-    if target.exists():  # force=True: replace the stored output
-        shutil.rmtree(target)
-    with store.writer(STAGE, fp) as w:
-        w.write_table("train.parquet", result.train)
-        if result.test is not None:
-            w.write_table("test.parquet", result.test)
-        w.write_table("rejects.parquet", result.rejects)
-        _write_report(w.path, result)
-        write_csv_sample(w.path / "rejects_sample.csv", rejects_sample(result.rejects))
-        ref = w.write_manifest(config=config, inputs=[ingested.fingerprint], code=code, rows=rows, extra=extra)
-    return ref
+    return text_validate.store_result(result, recipe, ingested, store, fp=fp, config=config, code=code,
+                                      metrics=_metrics(result), started=start, render=render_markdown,
+                                      extra={"image_shape": list(image_shape)})
