@@ -103,7 +103,11 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def writer(self, stage: str, fp: str) -> Iterator[StageWriter]:
-        """Write a stage output atomically: files go to a temp dir renamed into place on success."""
+        """Write a stage output atomically: files go to a temp dir renamed into place on success.
+
+        An existing output of the same fingerprint (a ``--force`` rerun, or a concurrent run that
+        finished first) is replaced only once the new one is complete: until then readers keep it.
+        """
         final = self.path(stage, fp)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{fp[:12]}-{uuid.uuid4().hex[:8]}"
@@ -113,8 +117,11 @@ class ArtifactStore:
             yield writer
             if not (tmp / MANIFEST).exists():
                 raise StageError(stage, "internal error: stage wrote no manifest")
-            if final.exists():  # a concurrent run finished the same work first: keep theirs
-                shutil.rmtree(tmp)
+            if final.exists():
+                old = final.parent / f".old-{fp[:12]}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
         except BaseException:

@@ -20,7 +20,6 @@ copied: later stages read them from the tokenize directory, ``extra["source_path
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Sequence
 
@@ -153,13 +152,8 @@ def run(recipe: Recipe, tokenized: StageRef, store: ArtifactStore, force: bool =
     config = _config(cfg)
     code = tokenize.code_version(sys.modules[__name__])
     fp = fingerprint(STAGE, config, [tokenized.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
-    target = store.path(STAGE, fp)
-    if target.exists():
-        shutil.rmtree(target)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     train = pq.read_table(tokenized.file("train.parquet")).select(tokenize.SCHEMA.names).combine_chunks()
     n = train.num_rows

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import html
-import shutil
 import sys
 import time
 import unicodedata
@@ -274,10 +273,8 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
     config = recipe.clean.model_dump(mode="json")
     code = source_hash(sys.modules[__name__], textnorm, validate, ingest)
     fp = fingerprint(STAGE, config, [validated.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     splits = {"train": pq.read_table(validated.file("train.parquet"))}
     test_path = validated.file("test.parquet")
@@ -326,9 +323,6 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
         "warnings": warnings,
         "has_test": "test" in results,
     }
-    target = store.path(STAGE, fp)
-    if target.exists():  # force=True: replace the stored output
-        shutil.rmtree(target)
     with store.writer(STAGE, fp) as w:
         for split, r in results.items():
             w.write_table(f"{split}.parquet", r.table)

@@ -10,7 +10,6 @@ Run alone: ``python -m flows.evaluate_model --config configs/sst2.yaml`` (after 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -131,9 +130,7 @@ def run(
     config = {"evaluate": recipe.evaluate.model_dump(mode="json"), "champion_version": champion_version}
     code = source_hash(sys.modules[__name__])
     fp = fingerprint(STAGE, config, [trained.fingerprint, tokenized.fingerprint], code)
-    if force:
-        shutil.rmtree(store.path(STAGE, fp), ignore_errors=True)
-    elif (hit := store.lookup(STAGE, fp)) is not None:
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
     test_table = pq.read_table(tokenized.file("test.parquet"))
     test = EncodedSplit.from_table(test_table)

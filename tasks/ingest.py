@@ -45,7 +45,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -677,10 +676,8 @@ def run(
     code = source_hash(sys.modules[__name__])
     inputs = [file_fingerprint(p) for p in paths.values()]
     fp = fingerprint(STAGE, config, inputs, code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     results = {split: read_split(split_paths, split, cfg) for split, split_paths in paths.items()}
     train = results["train"]
@@ -734,9 +731,6 @@ def run(
         "rejects_by_reason": by_reason,
         "labels_seen": labels_seen,
     }
-    target = store.path(STAGE, fp)
-    if target.exists():  # force=True: replace the stored output
-        shutil.rmtree(target)
     with store.writer(STAGE, fp) as w:
         w.write_table("train.parquet", train.table)
         if test is not None:

@@ -18,7 +18,6 @@ the split depends on the set of rows and the seed, not on the input order or the
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -206,13 +205,8 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
     config = recipe.split.model_dump(mode="json")
     code = source_hash(textnorm, sys.modules[__name__])
     fp = fingerprint(STAGE, config, [cleaned.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
-    target = store.path(STAGE, fp)
-    if target.exists():
-        shutil.rmtree(target)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     train_in = pq.read_table(cleaned.file("train.parquet"))
     test_path = cleaned.file("test.parquet")

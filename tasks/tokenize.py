@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -260,13 +259,8 @@ def run(recipe: Recipe, split_ref: StageRef, store: ArtifactStore, force: bool =
     config = {"tokenizer": recipe.tokenizer.model_dump(mode="json"), "labels": recipe.data.labels}
     code = code_version(sys.modules[__name__])
     fp = fingerprint(STAGE, config, [split_ref.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
-    target = store.path(STAGE, fp)
-    if target.exists():
-        shutil.rmtree(target)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     tables = {name: pq.read_table(split_ref.file(f"{name}.parquet")) for name in SPLITS}
     train_texts = tables["train"].column("text").to_pylist()

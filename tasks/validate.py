@@ -600,7 +600,6 @@ def store_result(
         "has_test": result.test is not None,
         **(extra or {}),
     }
-    shutil.rmtree(store.path(STAGE, fp), ignore_errors=True)  # force=True: replace the stored output
     with store.writer(STAGE, fp) as w:
         w.write_table("train.parquet", result.train)
         if result.test is not None:
@@ -623,10 +622,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     config = validate_config(recipe)
     code = source_hash(sys.modules[__name__], textnorm, ingest)
     fp = fingerprint(STAGE, config, [ingested.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     train = pq.read_table(ingested.file("train.parquet"))
     test_path = ingested.file("test.parquet")

@@ -16,7 +16,6 @@ through with ``augmented=False``. Output: ``train.parquet`` (normalize's columns
 
 from __future__ import annotations
 
-import shutil
 import sys
 from typing import Any
 
@@ -106,13 +105,8 @@ def run(recipe: Recipe, normalized: StageRef, store: ArtifactStore, force: bool 
     config = _config(cfg)
     code = source_hash(sys.modules[__name__], images)
     fp = fingerprint(STAGE, config, [normalized.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
-    target = store.path(STAGE, fp)
-    if target.exists():
-        shutil.rmtree(target)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     n_pixels = int(np.prod(normalized.extra["image_shape"]))
     train = pq.read_table(normalized.file("train.parquet")).select(normalize.schema(n_pixels).names).combine_chunks()

@@ -16,7 +16,6 @@ Output: ``train.parquet`` / ``test.parquet`` (the kept rows, order kept), ``reje
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections import Counter
@@ -107,10 +106,8 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
     config = {"dedupe": recipe.clean.dedupe, "drop_conflicts": recipe.clean.drop_conflicts}
     code = source_hash(sys.modules[__name__], images)
     fp = fingerprint(STAGE, config, [validated.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     splits = {"train": pq.read_table(validated.file("train.parquet"))}
     if validated.file("test.parquet").exists():
@@ -147,9 +144,6 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
         "has_test": "test" in results,
         "image_shape": image_shape,
     }
-    target = store.path(STAGE, fp)
-    if target.exists():  # force=True: replace the stored output
-        shutil.rmtree(target)
     with store.writer(STAGE, fp) as w:
         for split, r in results.items():
             w.write_table(f"{split}.parquet", r.table)

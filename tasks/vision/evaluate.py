@@ -11,7 +11,6 @@ Run alone: ``python -m flows.evaluate_model --config configs/mnist.yaml`` (after
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable
 
@@ -61,9 +60,7 @@ def run(
     config = {"evaluate": recipe.evaluate.model_dump(mode="json"), "champion_version": champion_version}
     code = source_hash(sys.modules[__name__], text_evaluate)
     fp = fingerprint(STAGE, config, [trained.fingerprint, normalized.fingerprint], code)
-    if force:
-        shutil.rmtree(store.path(STAGE, fp), ignore_errors=True)
-    elif (hit := store.lookup(STAGE, fp)) is not None:
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
     test_table = pq.read_table(normalized.file("test.parquet"))
     pixels = images.to_numpy(test_table.column("pixels"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import shutil
 import sys
 import time
 import zlib
@@ -209,10 +208,8 @@ def run(recipe: Recipe, store: ArtifactStore, force: bool = False, base_dir: Pat
     code = source_hash(sys.modules[__name__], images, text_ingest)
     inputs = [file_fingerprint(list(paths)) for paths in sources.values()]
     fp = fingerprint(STAGE, config, inputs, code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     results = {split: read_split(split, *paths, max_rows=cfg.max_rows) for split, paths in sources.items()}
     train, test = results["train"], results.get("test")
@@ -246,9 +243,6 @@ def run(recipe: Recipe, store: ArtifactStore, force: bool = False, base_dir: Pat
     report = {"rows": rows, "files": files, "labels_seen": labels_seen,
               "label_counts": {split: dict(sorted(Counter(r.table.column("label").to_pylist()).items()))
                                for split, r in results.items()}}
-    target = store.path(STAGE, fp)
-    if target.exists():  # force=True: replace the stored output
-        shutil.rmtree(target)
     with store.writer(STAGE, fp) as w:
         w.write_table("train.parquet", train.table)
         if test is not None:

@@ -17,7 +17,6 @@ Output: ``labels.json`` (index -> label), ``normalization.json`` (``mean``, ``st
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from typing import Any
 
@@ -98,13 +97,8 @@ def run(recipe: Recipe, split_ref: StageRef, store: ArtifactStore, force: bool =
     config = {"labels": recipe.data.labels, "method": METHOD}
     code = source_hash(sys.modules[__name__], images)
     fp = fingerprint(STAGE, config, [split_ref.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
-    target = store.path(STAGE, fp)
-    if target.exists():
-        shutil.rmtree(target)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     tables = {name: pq.read_table(split_ref.file(f"{name}.parquet")) for name in SPLITS}
     train_pixels = images.to_numpy(tables["train"].column("pixels"))

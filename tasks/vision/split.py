@@ -15,7 +15,6 @@ Output: ``train.parquet``, ``validation.parquet``, ``test.parquet``, ``rejects.p
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import numpy as np
@@ -87,13 +86,8 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
     config = recipe.split.model_dump(mode="json")
     code = source_hash(sys.modules[__name__], images, text_split)
     fp = fingerprint(STAGE, config, [cleaned.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
-    target = store.path(STAGE, fp)
-    if target.exists():
-        shutil.rmtree(target)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     train_in = pq.read_table(cleaned.file("train.parquet"))
     test_path = cleaned.file("test.parquet")

@@ -148,9 +148,7 @@ def run(
     config = config_for_fingerprint(recipe)
     code = source_hash(sys.modules[__name__], models.mlp, text_train)
     fp = fingerprint(STAGE, config, [augmented.fingerprint, normalized.fingerprint], code)
-    if force:
-        shutil.rmtree(store.path(STAGE, fp), ignore_errors=True)
-    elif (hit := store.lookup(STAGE, fp)) is not None:
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)

@@ -392,10 +392,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     config = {"validate": recipe.validate_.model_dump(mode="json"), "labels": recipe.data.labels}
     code = source_hash(sys.modules[__name__], images, text_validate)
     fp = fingerprint(STAGE, config, [ingested.fingerprint], code)
-    if not force:
-        hit = store.lookup(STAGE, fp)
-        if hit is not None:
-            return hit
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
 
     image_shape = ingested.extra["image_shape"]
     train = pq.read_table(ingested.file("train.parquet"))
