@@ -200,19 +200,11 @@ def label_counts(table: pa.Table) -> dict[str, int]:
     return {c["values"]: int(c["counts"]) for c in sorted(counts, key=lambda c: c["values"])}
 
 
-def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
-    """Split the cleaned data into train / validation / test (cached by fingerprint)."""
-    config = recipe.split.model_dump(mode="json")
-    code = source_hash(textnorm, sys.modules[__name__])
-    fp = fingerprint(STAGE, config, [cleaned.fingerprint], code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
-        return hit
-
-    train_in = pq.read_table(cleaned.file("train.parquet"))
-    test_path = cleaned.file("test.parquet")
-    test_in = pq.read_table(test_path) if test_path.exists() else None
-    result = split_tables(train_in, test_in, recipe.split)
-
+def store_result(
+    result: SplitResult, train_in: pa.Table, test_in: pa.Table | None, cleaned: StageRef, store: ArtifactStore,
+    *, fp: str, config: dict, code: str, extra: dict | None = None,
+) -> StageRef:
+    """The tail shared by the text and image split stages: row accounting, statistics, stored output."""
     n_input = train_in.num_rows + (test_in.num_rows if test_in is not None else 0)
     rows = {
         "input": n_input,
@@ -241,6 +233,7 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
         "warnings": result.warnings,
         "metrics": metrics,
         "log_files": ["split_stats.json", "rejects.parquet"],
+        **(extra or {}),
     }
     with store.writer(STAGE, fp) as w:
         w.write_table("train.parquet", result.train)
@@ -250,6 +243,22 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
         w.write_json("split_stats.json", stats)
         ref = w.write_manifest(config=config, inputs=[cleaned.fingerprint], code=code, rows=rows, extra=extra)
     return ref
+
+
+def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+    """Split the cleaned data into train / validation / test (cached by fingerprint)."""
+    config = recipe.split.model_dump(mode="json")
+    code = source_hash(textnorm, sys.modules[__name__])
+    fp = fingerprint(STAGE, config, [cleaned.fingerprint], code)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
+
+    train_in = pq.read_table(cleaned.file("train.parquet"))
+    test_path = cleaned.file("test.parquet")
+    test_in = pq.read_table(test_path) if test_path.exists() else None
+    result = split_tables(train_in, test_in, recipe.split)
+
+    return store_result(result, train_in, test_in, cleaned, store, fp=fp, config=config, code=code)
 
 
 @task(name="split", cache_policy=NONE)

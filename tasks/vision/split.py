@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tasks import split as text_split
 from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
 from tasks.config import Recipe, SplitConfig
-from tasks.split import TEST, TRAIN, VALIDATION, SplitResult, assign_groups, label_counts
+from tasks.split import TEST, TRAIN, VALIDATION, SplitResult, assign_groups
 from tasks.vision import images
 
 STAGE = "split"
@@ -93,31 +93,5 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
     test_path = cleaned.file("test.parquet")
     test_in = pq.read_table(test_path) if test_path.exists() else None
     result = split_tables(train_in, test_in, recipe.split)
-    n_input = train_in.num_rows + (test_in.num_rows if test_in is not None else 0)
-    rows = {"input": n_input, "train": result.train.num_rows, "validation": result.validation.num_rows,
-            "test": result.test.num_rows, "rejected": result.rejects.num_rows}
-    if rows["train"] + rows["validation"] + rows["test"] + rows["rejected"] != n_input:  # pragma: no cover
-        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
-    counts = {name: label_counts(getattr(result, name)) for name in SPLITS}
-    metrics: dict[str, float] = {f"rows_{k}": float(v) for k, v in rows.items()}
-    metrics["leaked_rows"] = float(result.rejects.num_rows)
-    metrics["num_labels"] = float(len(counts["train"]))
-    n_pool = rows["train"] + rows["validation"] + (rows["test"] if test_in is None else 0)
-    metrics["validation_fraction"] = rows["validation"] / n_pool if n_pool else 0.0
-    extra = {
-        "labels": sorted(counts["train"]),
-        "label_counts": counts,
-        "test_source": "file" if test_in is not None else "split",
-        "warnings": result.warnings,
-        "image_shape": cleaned.extra["image_shape"],
-        "metrics": metrics,
-        "log_files": ["split_stats.json", "rejects.parquet"],
-    }
-    with store.writer(STAGE, fp) as w:
-        for name in SPLITS:
-            w.write_table(f"{name}.parquet", getattr(result, name))
-        w.write_table("rejects.parquet", result.rejects)
-        w.write_json("split_stats.json", {"rows": rows, "label_counts": counts, "warnings": result.warnings,
-                                          "groups": result.groups})
-        ref = w.write_manifest(config=config, inputs=[cleaned.fingerprint], code=code, rows=rows, extra=extra)
-    return ref
+    return text_split.store_result(result, train_in, test_in, cleaned, store, fp=fp, config=config, code=code,
+                                   extra={"image_shape": cleaned.extra["image_shape"]})
