@@ -45,31 +45,24 @@ IMAGE_TASK = "image-classification"
 
 
 def bundle(recipe: Recipe, trained: StageRef, store: ArtifactStore) -> StageRef:
-    """Assemble the pyfunc bundle directory (fingerprinted, so it is built once per trained model)."""
+    """Assemble the pyfunc bundle directory (fingerprinted, so it is built once per trained model).
+
+    Text: weights, tokenizer, label map and cleaning rules. Images: weights, normalisation (mean/std,
+    image shape) and label map.
+    """
     if recipe.task == IMAGE_TASK:
-        return _image_bundle(recipe, trained, store)
-    meta = {"task": recipe.task, "clean": recipe.clean.model_dump(mode="json"),
-            "tokenizer": recipe.tokenizer.model_dump(mode="json"), "recipe": recipe.name}
+        meta = {"task": recipe.task, "recipe": recipe.name, "model_kind": trained.extra.get("model_kind")}
+        files = ("model.pt", "normalization.json", "labels.json")
+    else:
+        meta = {"task": recipe.task, "clean": recipe.clean.model_dump(mode="json"),
+                "tokenizer": recipe.tokenizer.model_dump(mode="json"), "recipe": recipe.name}
+        files = ("model.pt", "tokenizer.json", "labels.json")
     code = source_hash(sys.modules[__name__])
     fp = fingerprint(STAGE, meta, [trained.fingerprint], code)
     if (hit := store.lookup(STAGE, fp)) is not None:
         return hit
     with store.writer(STAGE, fp) as w:
-        for name in ("model.pt", "tokenizer.json", "labels.json"):
-            shutil.copyfile(trained.file(name), w.path / name)
-        w.write_json("bundle.json", meta)
-        return w.write_manifest(config=meta, inputs=[trained.fingerprint], code=code, rows={})
-
-
-def _image_bundle(recipe: Recipe, trained: StageRef, store: ArtifactStore) -> StageRef:
-    """The image recipe's bundle: weights, normalisation (mean/std, image shape) and label map."""
-    meta = {"task": recipe.task, "recipe": recipe.name, "model_kind": trained.extra.get("model_kind")}
-    code = source_hash(sys.modules[__name__])
-    fp = fingerprint(STAGE, meta, [trained.fingerprint], code)
-    if (hit := store.lookup(STAGE, fp)) is not None:
-        return hit
-    with store.writer(STAGE, fp) as w:
-        for name in ("model.pt", "normalization.json", "labels.json"):
+        for name in files:
             shutil.copyfile(trained.file(name), w.path / name)
         w.write_json("bundle.json", meta)
         return w.write_manifest(config=meta, inputs=[trained.fingerprint], code=code, rows={})

@@ -344,6 +344,39 @@ def config_for_fingerprint(recipe: Recipe) -> dict[str, Any]:
             "primary_metric": recipe.evaluate.primary_metric, "clean": recipe.clean.model_dump(mode="json")}
 
 
+def store_trained(
+    recipe: Recipe, store: ArtifactStore, *, fp: str, config: dict[str, Any], code: str, inputs: list[str],
+    model: torch.nn.Module, result: FitResult, seconds: float, labels: list[str], rows: dict[str, int],
+    checkpoint_dir: Path, copies: tuple[Path, ...] | list[Path] = (), json_files: dict[str, Any] | None = None,
+    checkpoint_meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+) -> StageRef:
+    """The tail shared by the text and image train stages: store the model, its history and curves.
+
+    The weights go to ``model.pt`` (with labels and ``checkpoint_meta``), ``copies`` are copied beside
+    them, ``json_files`` written as JSON (and logged); then the resumable checkpoint is removed.
+    """
+    metric = recipe.evaluate.primary_metric
+    json_files = {"labels.json": labels, **(json_files or {})}
+    with store.writer(STAGE, fp) as w:
+        torch.save(model.cpu().checkpoint(labels=labels, **(checkpoint_meta or {})), w.path / MODEL_FILE)
+        for path in copies:
+            shutil.copyfile(path, w.path / path.name)
+        for name, value in json_files.items():
+            w.write_json(name, value)
+        w.write_json("history.json", result.history)
+        curves_png(result.history, w.path / "training_curves.png", metric)
+        metrics = {"best_epoch": result.best_epoch, f"best_val_{metric}": result.best_score, "steps": result.steps,
+                   "train_seconds": seconds, "parameters": model.num_parameters(), "train_rows": rows["train"]}
+        log_files = ["training_curves.png", "history.json", *(n for n in json_files if n != "labels.json")]
+        ref = w.write_manifest(
+            config=config, inputs=inputs, code=code, rows=rows,
+            extra={"metrics": metrics, "log_files": log_files, "resumed_from_epoch": result.resumed_from_epoch,
+                   "labels": labels, **(extra or {})},
+        )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the stored model supersedes the checkpoint
+    return ref
+
+
 def run(
     recipe: Recipe,
     augmented: StageRef,
@@ -374,23 +407,11 @@ def run(
     result = fit(model, train, validation, recipe.train, recipe.evaluate.primary_metric,
                  checkpoint_dir, on_step, on_epoch)
     seconds = time.perf_counter() - started
-    with store.writer(STAGE, fp) as w:
-        torch.save(model.cpu().checkpoint(labels=labels), w.path / MODEL_FILE)
-        shutil.copyfile(tokenized.file("tokenizer.json"), w.path / "tokenizer.json")
-        w.write_json("labels.json", labels)
-        w.write_json("history.json", result.history)
-        curves_png(result.history, w.path / "training_curves.png", recipe.evaluate.primary_metric)
-        metrics = {"best_epoch": result.best_epoch, f"best_val_{recipe.evaluate.primary_metric}": result.best_score,
-                   "steps": result.steps, "train_seconds": seconds, "parameters": model.num_parameters(),
-                   "train_rows": len(train)}
-        ref = w.write_manifest(
-            config=config, inputs=[augmented.fingerprint, tokenized.fingerprint], code=code,
-            rows={"train": len(train), "validation": len(validation)},
-            extra={"metrics": metrics, "log_files": ["training_curves.png", "history.json"],
-                   "resumed_from_epoch": result.resumed_from_epoch, "labels": labels},
-        )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the stored model supersedes the checkpoint
-    return ref
+    return store_trained(
+        recipe, store, fp=fp, config=config, code=code, inputs=[augmented.fingerprint, tokenized.fingerprint],
+        model=model, result=result, seconds=seconds, labels=labels, rows={"train": len(train), "validation": len(validation)},
+        checkpoint_dir=checkpoint_dir, copies=[tokenized.file("tokenizer.json")],
+    )
 
 
 @task(name="train", cache_policy=NONE)

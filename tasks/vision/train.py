@@ -17,7 +17,6 @@ Run alone: ``python -m flows.train_model --config configs/mnist.yaml`` (after pr
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from models.mlp import ImageClassifier, MLPConfig
 from tasks import train as text_train
 from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
 from tasks.config import Recipe, TrainConfig
-from tasks.train import FitResult, Loader, curves_png, fit_loader, predict_loader
+from tasks.train import FitResult, Loader, fit_loader, predict_loader, store_trained
 from tasks.vision import images
 from tasks.vision.normalize import LABELS_FILE, NORMALIZATION_FILE, normalize
 
@@ -163,21 +162,10 @@ def run(
     result = fit(model, train, validation, recipe.train, recipe.evaluate.primary_metric, mean, std,
                  checkpoint_dir, on_step, on_epoch)
     seconds = time.perf_counter() - started
-    with store.writer(STAGE, fp) as w:
-        torch.save(model.cpu().checkpoint(labels=labels, normalization=normalization), w.path / MODEL_FILE)
-        w.write_json(LABELS_FILE, labels)
-        w.write_json(NORMALIZATION_FILE, normalization)
-        w.write_json("history.json", result.history)
-        curves_png(result.history, w.path / "training_curves.png", recipe.evaluate.primary_metric)
-        metrics = {"best_epoch": result.best_epoch, f"best_val_{recipe.evaluate.primary_metric}": result.best_score,
-                   "steps": result.steps, "train_seconds": seconds, "parameters": model.num_parameters(),
-                   "train_rows": len(train)}
-        ref = w.write_manifest(
-            config=config, inputs=[augmented.fingerprint, normalized.fingerprint], code=code,
-            rows={"train": len(train), "validation": len(validation)},
-            extra={"metrics": metrics, "log_files": ["training_curves.png", "history.json", NORMALIZATION_FILE],
-                   "resumed_from_epoch": result.resumed_from_epoch, "labels": labels, "task": recipe.task,
-                   "model_kind": recipe.model.kind, "normalization": normalization},
-        )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # done: the stored model supersedes the checkpoint
-    return ref
+    return store_trained(
+        recipe, store, fp=fp, config=config, code=code, inputs=[augmented.fingerprint, normalized.fingerprint],
+        model=model, result=result, seconds=seconds, labels=labels, rows={"train": len(train), "validation": len(validation)},
+        checkpoint_dir=checkpoint_dir, json_files={NORMALIZATION_FILE: normalization},
+        checkpoint_meta={"normalization": normalization},
+        extra={"task": recipe.task, "model_kind": recipe.model.kind, "normalization": normalization},
+    )
