@@ -129,6 +129,23 @@ def test_encode_equals_encode_batch(chunk_size):
     assert arr.type == pa.list_(pa.int32())
     assert arr.to_pylist() == [e.ids for e in tok.encode_batch(texts)]
     assert tokenize.encode(tok, []).to_pylist() == []
+    assert tokenize._plain_template(tok) == (2, 3, 12)  # the specials were added in numpy, not by the tokenizer
+
+
+@pytest.mark.parametrize("change", ["left_truncation", "no_template", "padding", "no_truncation"])
+def test_encode_keeps_the_tokenizers_own_specials_when_it_cannot_add_them_itself(change):
+    texts = [r["text"] for r in rows(30, "x", 4)] + ["", LONG]
+    tok = tokenize.train_tokenizer(iter(texts), TokenizerConfig(vocab_size=150, min_frequency=1, max_length=12))
+    if change == "left_truncation":
+        tok.enable_truncation(max_length=12, direction="left")
+    elif change == "no_template":
+        tok.post_processor = None
+    elif change == "padding":
+        tok.enable_padding(pad_id=0, length=12)
+    else:
+        tok.no_truncation()
+    assert tokenize._plain_template(tok) is None
+    assert tokenize.encode(tok, texts, chunk_size=7).to_pylist() == [e.ids for e in tok.encode_batch(texts)]
 
 
 def test_label_map_order_and_errors():
