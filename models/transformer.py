@@ -25,6 +25,13 @@ class TransformerConfig(BaseModel):
     n_heads: int = Field(default=4, ge=1, le=64, description="Attention heads; must divide d_model.")
     d_ff: int = Field(default=256, ge=8, le=16384, description="Feed-forward inner size.")
     dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on embeddings, attention and residual branches.")
+    attention_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="Dropout on attention weights; null: the same as dropout."
+    )
+    token_dropout: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Training only: zero this fraction of token embeddings (whole words vanish; a regulariser for small data).",
+    )
     pooling: Literal["mean", "max", "cls"] = Field(
         default="mean", description="Sentence vector: mean or element-wise max over non-pad tokens, or the [CLS] token."
     )
@@ -42,7 +49,7 @@ class SelfAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -115,7 +122,11 @@ class TransformerClassifier(nn.Module):
         B, T = ids.shape
         keep = mask.bool()
         pos = torch.arange(T, device=ids.device)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(pos)[None])  # (B, T, C)
+        tok = self.tok_emb(ids)  # (B, T, C)
+        if self.training and self.cfg.token_dropout > 0:
+            # drop whole tokens (not features): the model cannot lean on any single rare word
+            tok = tok * (torch.rand(B, T, 1, device=ids.device) >= self.cfg.token_dropout).to(tok.dtype)
+        x = self.drop(tok + self.pos_emb(pos)[None])  # (B, T, C)
         for block in self.blocks:
             x = block(x, keep)
         x = self.ln_f(x)

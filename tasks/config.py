@@ -139,10 +139,15 @@ class SplitConfig(Section):
 
 
 class TokenizerConfig(Section):
-    """WordPiece tokenizer trained on the train split only."""
+    """Tokenizer trained on the train split only: WordPiece (default) or whole words."""
 
-    vocab_size: int = Field(default=16000, ge=100, le=200_000, description="WordPiece vocabulary size.")
-    min_frequency: int = Field(default=2, ge=1, description="Minimum count for a word piece to enter the vocabulary.")
+    model: Literal["wordpiece", "wordlevel"] = Field(
+        default="wordpiece",
+        description="wordpiece: unseen words are split into known pieces; wordlevel: whole words, and any word "
+                    "seen fewer than min_frequency times in train (or never) becomes [UNK].",
+    )
+    vocab_size: int = Field(default=16000, ge=100, le=200_000, description="Vocabulary size (at most; special tokens included).")
+    min_frequency: int = Field(default=2, ge=1, description="Minimum train count for a word piece (or word) to enter the vocabulary.")
     lowercase: bool = Field(default=True, description="Lower-case inside the tokenizer (BERT-uncased style).")
     max_length: int = Field(default=64, ge=8, le=4096, description="Sequences are truncated to this many tokens, [CLS] and [SEP] included.")
 
@@ -177,6 +182,7 @@ class TrainConfig(Section):
         default="linear", description="Learning rate after warmup: linear decay to 0, or constant."
     )
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up linearly.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing (0: plain cross-entropy).")
     grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
     seed: int = Field(default=13, description="Seed of initialisation, shuffling and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto uses CUDA (bf16 autocast) when present, else CPU.")

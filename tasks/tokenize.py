@@ -2,7 +2,10 @@
 
 The tokenizer is BERT-style (``BertNormalizer``, ``BertPreTokenizer``, WordPiece with ``[UNK]``,
 ``[CLS] $A [SEP]``) and is trained on the train split only, so nothing of validation or test leaks
-into the vocabulary. Special tokens have fixed ids: ``[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+into the vocabulary. ``tokenizer.model: wordlevel`` keeps whole words instead: a word seen fewer
+than ``min_frequency`` times in train, or never, becomes ``[UNK]``. On small data that generalises
+better than WordPiece, whose pieces of an unseen word carry the labels of unrelated words that share
+them (TREC: "What is amitriptyline ?" -> ``am ##it ##rip ...``; see docs/benchmarks.md). Special tokens have fixed ids: ``[PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
 [MASK]=4``. Sequences are truncated to ``tokenizer.max_length`` tokens ([CLS] and [SEP] included)
 and stored unpadded (``input_ids: list<int32>``): padding is dynamic, per batch, at training time.
 
@@ -65,14 +68,33 @@ def _batches(texts: Iterable[str], size: int = TRAIN_BATCH) -> Iterator[list[str
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
-    """An untrained BERT-style WordPiece tokenizer for ``cfg`` (normaliser, pre-tokeniser, decoder)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+    """An untrained BERT-style tokenizer for ``cfg`` (normaliser, pre-tokeniser, decoder): WordPiece,
+    or a word-level vocabulary behind the same normaliser and pre-tokeniser."""
+    if cfg.model == "wordlevel":
+        tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        tokenizer.decoder = decoders.WordPiece(prefix="##")
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=cfg.lowercase, lowercase=cfg.lowercase
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
     return tokenizer
+
+
+def _trainer(cfg: TokenizerConfig, texts: Sequence[str], tokenizer: Tokenizer) -> trainers.Trainer:
+    if cfg.model == "wordlevel":
+        # ties in frequency are broken by the word itself, so the vocabulary is deterministic
+        return trainers.WordLevelTrainer(
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+        )
+    return trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS + continuing_pieces(texts, tokenizer),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
 
 
 def continuing_pieces(texts: Iterable[str], tokenizer: Tokenizer) -> list[str]:
@@ -87,12 +109,12 @@ def continuing_pieces(texts: Iterable[str], tokenizer: Tokenizer) -> list[str]:
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
-    """Train a WordPiece tokenizer on ``texts`` (fed in batches) with ``[CLS] $A [SEP]`` and truncation.
+    """Train the tokenizer ``cfg`` asks for on ``texts`` (fed in batches), with ``[CLS] $A [SEP]`` and truncation.
 
     The result has the special tokens at ids 0..4 (``[PAD]`` = 0) and truncates to
     ``cfg.max_length`` tokens, special tokens included.
 
-    Training is made deterministic: the stock trainer gives the ``##c`` continuation pieces ids
+    WordPiece training is made deterministic: the stock trainer gives the ``##c`` continuation pieces ids
     in hash-map order, and those ids break ties between equally frequent merges, so the same
     texts gave a different vocabulary on every run (huggingface/tokenizers#1794). Registering
     every ``##c`` up front, in sorted order, fixes their ids; they are then demoted from "added
@@ -100,15 +122,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """
     texts = texts if isinstance(texts, Sequence) else list(texts)
     tokenizer = build_tokenizer(cfg)
-    pieces = continuing_pieces(texts, tokenizer)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=SPECIAL_TOKENS + pieces,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_batches(texts), trainer=trainer, length=len(texts))
+    tokenizer.train_from_iterator(_batches(texts), trainer=_trainer(cfg, texts, tokenizer), length=len(texts))
     state = json.loads(tokenizer.to_str())
     state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] in SPECIAL_TOKENS]
     tokenizer = Tokenizer.from_str(json.dumps(state))

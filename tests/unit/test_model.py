@@ -10,7 +10,7 @@ from models.transformer import TransformerClassifier, TransformerConfig
 
 def make(pooling: str = "mean", **kw) -> TransformerClassifier:
     torch.manual_seed(0)
-    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.1, pooling=pooling, **kw)
+    cfg = TransformerConfig(**{"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "dropout": 0.1, "pooling": pooling, **kw})
     return TransformerClassifier(cfg, vocab_size=50, num_classes=3, max_length=16, pad_id=0)
 
 
@@ -75,3 +75,19 @@ def test_learns_a_token_rule() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.2
+
+
+def test_token_dropout_acts_in_training_only() -> None:
+    base, dropped = make(dropout=0.0), make(dropout=0.0, token_dropout=0.5)
+    dropped.load_state_dict(base.state_dict())
+    ids = torch.randint(1, 50, (8, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(ids, mask)[0], dropped.eval()(ids, mask)[0])  # eval: no effect
+        torch.manual_seed(1)
+        assert not torch.allclose(base.train()(ids, mask)[0], dropped.train()(ids, mask)[0])
+
+
+def test_attention_dropout_defaults_to_dropout() -> None:
+    assert make(dropout=0.3).blocks[0].attn.dropout == 0.3
+    assert make(dropout=0.3, attention_dropout=0.05).blocks[0].attn.dropout == 0.05

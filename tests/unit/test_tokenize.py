@@ -187,3 +187,23 @@ def test_training_is_deterministic():
     tok = Tokenizer.from_str(trained.pop())
     assert [t.content for t in tok.get_added_tokens_decoder().values()] == tokenize.SPECIAL_TOKENS
     assert "##e" in tok.get_vocab() and "##e" not in tok.encode("a ##e").tokens  # a piece, not an added token
+
+
+def test_word_level_tokenizer_maps_rare_and_unseen_words_to_unk():
+    texts = ["what is a walrus ?", "what is a cat ?", "who is the walrus ?", "how many cats ?"] * 2 + ["what is zebu ?"]
+    cfg = TokenizerConfig(model="wordlevel", vocab_size=100, min_frequency=2, max_length=8)
+    tok = tokenize.train_tokenizer(texts, cfg)
+    assert [tok.token_to_id(t) for t in tokenize.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tok.encode("What is amitriptyline ?").tokens == ["[CLS]", "what", "is", "[UNK]", "?", "[SEP]"]
+    assert tok.encode("what is zebu ?").tokens[3] == "[UNK]"  # seen once: below min_frequency
+    assert tok.encode("the walrus").tokens == ["[CLS]", "the", "walrus", "[SEP]"]
+    long = " ".join(["cat"] * 20)
+    assert tokenize.encode(tok, [long, "", "who ?"]).to_pylist() == [e.ids for e in tok.encode_batch([long, "", "who ?"])]
+
+
+def test_word_level_vocabulary_is_deterministic_when_the_size_cuts_ties():
+    texts = [" ".join(f"w{i}" for i in range(j, j + 30)) for j in range(0, 400, 3)]  # many words, equal counts
+    cfg = TokenizerConfig(model="wordlevel", vocab_size=100, min_frequency=1, max_length=32)
+    trained = {tokenize.train_tokenizer(texts, cfg).to_str() for _ in range(6)}
+    assert len(trained) == 1
+    assert Tokenizer.from_str(trained.pop()).get_vocab_size() == 100

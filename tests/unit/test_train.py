@@ -122,3 +122,15 @@ def test_early_stopping() -> None:
     # lr 0 never improves after epoch 1, so patience 1 stops at epoch 2
     result = fit(small_model(), synthetic(100, 0), synthetic(50, 1), cfg(epochs=10, patience=1, lr=1e-12), "accuracy")
     assert len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_label_smoothing_changes_the_training_loss() -> None:
+    """With smoothing the loss cannot fall towards 0: a confident model still pays for the smoothed mass."""
+    def final_loss(smoothing: float) -> float:
+        losses: list[float] = []
+        fit(small_model(), synthetic(400, 0), synthetic(100, 1), cfg(epochs=6, label_smoothing=smoothing), "accuracy",
+            on_step=lambda step, m: losses.append(m["train_loss"]))
+        return float(np.mean(losses[-5:]))
+
+    plain, smoothed = final_loss(0.0), final_loss(0.4)
+    assert smoothed > plain + 0.1
