@@ -270,9 +270,9 @@ def fit_loader(
             inputs = [t.to(device) for t in train.inputs(index)]
             labels = torch.from_numpy(train.labels[index]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, loss = model(*inputs, labels)
-                if cfg.label_smoothing > 0:
-                    loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                logits, _ = model(*inputs)
+            # the loss is taken here, not by the model, so train.label_smoothing applies to every model kind
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_gradients(model, cfg.grad_clip)
