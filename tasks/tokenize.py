@@ -155,7 +155,10 @@ def _plain_template(tokenizer: Tokenizer) -> tuple[int, int, int] | None:
     truncation = tokenizer.truncation
     if truncation is None or truncation["direction"] != "right" or tokenizer.padding is not None:
         return None
-    processor = json.loads(tokenizer.to_str()).get("post_processor") or {}
+    if tokenizer.post_processor is None:
+        return None
+    # the processor's own JSON (its pickle state), not tokenizer.to_str(), which serialises the whole vocabulary
+    processor = json.loads(tokenizer.post_processor.__getstate__())
     single = processor.get("single")
     if processor.get("type") != "TemplateProcessing" or single is None or len(single) != 3:
         return None
