@@ -47,6 +47,14 @@ class StageRef(BaseModel):
         return Path(self.path) / name
 
 
+def read_splits(ref: StageRef) -> dict[str, pa.Table]:
+    """``train`` and, when the stage wrote one, ``test`` of a stage's output."""
+    splits = {"train": pq.read_table(ref.file("train.parquet"))}
+    if ref.file("test.parquet").exists():
+        splits["test"] = pq.read_table(ref.file("test.parquet"))
+    return splits
+
+
 class StageError(RuntimeError):
     """A stage failed; the message starts with the stage name."""
 

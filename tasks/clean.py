@@ -41,18 +41,19 @@ import sys
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import ingest, textnorm, validate
-from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
+from tasks.artifacts import ArtifactStore, StageRef, fingerprint, read_splits, source_hash
 from tasks.config import CleanConfig, Recipe
 from tasks.ingest import REJECTS_SCHEMA, SCHEMA, metric_name, reason_kind, rejects_sample, write_csv_sample
 from tasks.lineage import tracked
@@ -262,25 +263,25 @@ def _label_counts(table: pa.Table) -> dict[str, int]:
     return dict(sorted((c["values"], int(c["counts"])) for c in pc.value_counts(table.column("label")).to_pylist()))
 
 
-def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
-    """Clean the validated rows (cached by fingerprint).
+def store_result(
+    results: dict[str, CleanResult],
+    splits: dict[str, pa.Table],
+    validated: StageRef,
+    store: ArtifactStore,
+    *,
+    fp: str,
+    config: dict[str, Any],
+    code: str,
+    started: float,
+    extra: dict[str, Any] | None = None,
+    write_more: Callable[[Path, pa.Table], list[str]] | None = None,
+) -> StageRef:
+    """The end of the clean stage, for text and images: row accounting, lost-label warnings, metrics,
+    ``clean_report.json``, the rejects and their sample, and the stored output.
 
-    Returns a ref whose ``rows`` are ``input, train, test, rejected`` and whose ``extra`` holds
-    ``metrics``, ``log_files``, ``labels`` (train labels left after cleaning), ``label_counts``,
-    ``rejects_by_reason``, ``warnings`` (labels that lost all their train rows) and ``has_test``.
+    ``results`` are the cleaned ``splits``; ``write_more(directory, rejects_sample)`` writes a
+    modality's own files (the image stage's picture of rejected images) and returns their names.
     """
-    start = time.perf_counter()
-    config = recipe.clean.model_dump(mode="json")
-    code = source_hash(sys.modules[__name__], textnorm, validate, ingest)
-    fp = fingerprint(STAGE, config, [validated.fingerprint], code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
-        return hit
-
-    splits = {"train": pq.read_table(validated.file("train.parquet"))}
-    test_path = validated.file("test.parquet")
-    if test_path.exists():
-        splits["test"] = pq.read_table(test_path)
-    results = {split: clean_table(table, recipe.clean, split) for split, table in splits.items()}
     rejects = pa.concat_tables([r.rejects for r in results.values()]).combine_chunks()
     rows = {
         "input": sum(t.num_rows for t in splits.values()),
@@ -305,7 +306,7 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
             metrics[f"{split}.{key}"] = value
     for kind, count in by_reason.items():
         metrics[f"rejected.{metric_name(kind)}"] = count
-    metrics["duration_s"] = round(time.perf_counter() - start, 4)
+    metrics["duration_s"] = round(time.perf_counter() - started, 4)
     report = {
         "rows": rows,
         "splits": {split: r.stats for split, r in results.items()},
@@ -314,23 +315,44 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
         "config": config,
         "warnings": warnings,
     }
-    extra = {
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "log_files": [REPORT, "rejects_sample.csv"],
-        "labels": sorted(label_counts["train"]),
-        "label_counts": label_counts,
-        "rejects_by_reason": by_reason,
-        "warnings": warnings,
-        "has_test": "test" in results,
-    }
     with store.writer(STAGE, fp) as w:
         for split, r in results.items():
             w.write_table(f"{split}.parquet", r.table)
         w.write_table("rejects.parquet", rejects)
         w.write_json(REPORT, report)
-        write_csv_sample(w.path / "rejects_sample.csv", rejects_sample(rejects))
-        ref = w.write_manifest(config=config, inputs=[validated.fingerprint], code=code, rows=rows, extra=extra)
-    return ref
+        sample = rejects_sample(rejects)
+        write_csv_sample(w.path / "rejects_sample.csv", sample)
+        more = write_more(w.path, sample) if write_more is not None else []
+        extra = {
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "log_files": [REPORT, "rejects_sample.csv", *more],
+            "labels": sorted(label_counts["train"]),
+            "label_counts": label_counts,
+            "rejects_by_reason": by_reason,
+            "warnings": warnings,
+            "has_test": "test" in results,
+            **(extra or {}),
+        }
+        return w.write_manifest(config=config, inputs=[validated.fingerprint], code=code, rows=rows, extra=extra)
+
+
+def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+    """Clean the validated rows (cached by fingerprint).
+
+    Returns a ref whose ``rows`` are ``input, train, test, rejected`` and whose ``extra`` holds
+    ``metrics``, ``log_files``, ``labels`` (train labels left after cleaning), ``label_counts``,
+    ``rejects_by_reason``, ``warnings`` (labels that lost all their train rows) and ``has_test``.
+    """
+    start = time.perf_counter()
+    config = recipe.clean.model_dump(mode="json")
+    code = source_hash(sys.modules[__name__], textnorm, validate, ingest)
+    fp = fingerprint(STAGE, config, [validated.fingerprint], code)
+    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+        return hit
+
+    splits = read_splits(validated)
+    results = {split: clean_table(table, recipe.clean, split) for split, table in splits.items()}
+    return store_result(results, splits, validated, store, fp=fp, config=config, code=code, started=start)
 
 
 @task(name="clean", cache_policy=NONE)

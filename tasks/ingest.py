@@ -646,8 +646,9 @@ def metric_name(text: str) -> str:
 
 
 def write_csv_sample(path: Path, table: pa.Table) -> None:
-    """Write a small table as CSV (for MLflow artifacts)."""
-    pacsv.write_csv(table, path)
+    """Write a small table as CSV (for MLflow artifacts); nested columns (image pixels) are left out,
+    CSV cannot hold them."""
+    pacsv.write_csv(table.select([f.name for f in table.schema if not pa.types.is_nested(f.type)]), path)
 
 
 # --------------------------------------------------------------------------------------------

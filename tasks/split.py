@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import textnorm
-from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, rejects_table, source_hash
+from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, rejects_table, source_hash
 from tasks.config import Recipe, SplitConfig
 from tasks.lineage import tracked
 
@@ -253,9 +252,8 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
     if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
 
-    train_in = pq.read_table(cleaned.file("train.parquet"))
-    test_path = cleaned.file("test.parquet")
-    test_in = pq.read_table(test_path) if test_path.exists() else None
+    splits = read_splits(cleaned)
+    train_in, test_in = splits["train"], splits.get("test")
     result = split_tables(train_in, test_in, recipe.split)
 
     return store_result(result, train_in, test_in, cleaned, store, fp=fp, config=config, code=code)

@@ -52,7 +52,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import ingest, textnorm
-from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
+from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, source_hash
 from tasks.config import Recipe, ValidateConfig
 from tasks.ingest import REJECTS_SCHEMA, SCHEMA, reason_kind, rejects_sample, write_csv_sample
 from tasks.lineage import tracked
@@ -625,9 +625,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
 
-    train = pq.read_table(ingested.file("train.parquet"))
-    test_path = ingested.file("test.parquet")
-    test = pq.read_table(test_path) if test_path.exists() else None
+    splits = read_splits(ingested)
+    train, test = splits["train"], splits.get("test")
     result = validate_tables(
         train, test, recipe.validate_, recipe.data.labels, recipe.tokenizer.max_length, ingested.rows
     )

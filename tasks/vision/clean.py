@@ -19,32 +19,22 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
+from tasks import clean as text_clean
+from tasks.artifacts import ArtifactStore, StageRef, fingerprint, read_splits, source_hash
+from tasks.clean import CleanResult
 from tasks.config import CleanConfig, Recipe
-from tasks.ingest import metric_name, reason_kind, rejects_sample, write_csv_sample
+from tasks.ingest import metric_name, reason_kind
 from tasks.validate import codes, conflict_mask, duplicate_mask
 from tasks.vision import images
 from tasks.vision.validate import blank_mask
 
 STAGE = "clean"
-REPORT = "clean_report.json"
 SAMPLE_PNG = "rejects_sample.png"
-
-
-@dataclass
-class CleanResult:
-    """One split after cleaning: kept rows, rejected rows (with reasons and pixels), counts by reason."""
-
-    table: pa.Table
-    rejects: pa.Table
-    stats: dict[str, int] = field(default_factory=dict)
 
 
 def rejects_schema(n_pixels: int) -> pa.Schema:
@@ -100,6 +90,16 @@ def clean_table(table: pa.Table, cfg: CleanConfig, split: str = "train") -> Clea
     return CleanResult(table.filter(pa.array(~dropped)), rejects, stats)
 
 
+def _rejected_images_png(directory: Path, sample: pa.Table, image_shape: list[int]) -> list[str]:
+    """A grid of the first rejected images (id, reason) beside the CSV sample; returns its file name."""
+    shown = sample.slice(0, 36)
+    labels = [f"{images.short_id(i)}\n{reason_kind(r)}"
+              for i, r in zip(shown.column("id").to_pylist(), shown.column("reason").to_pylist())]
+    images.grid_png(images.to_numpy(shown.column("pixels")), image_shape, labels, directory / SAMPLE_PNG,
+                    "rejected images (id, reason)")
+    return [SAMPLE_PNG]
+
+
 def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
     """Clean the validated images (cached by fingerprint); rows in = rows out + rejected."""
     start = time.perf_counter()
@@ -109,52 +109,11 @@ def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool =
     if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
 
-    splits = {"train": pq.read_table(validated.file("train.parquet"))}
-    if validated.file("test.parquet").exists():
-        splits["test"] = pq.read_table(validated.file("test.parquet"))
+    splits = read_splits(validated)
     results = {split: clean_table(table, recipe.clean, split) for split, table in splits.items()}
-    rejects = pa.concat_tables([r.rejects for r in results.values()]).combine_chunks()
-    rows = {"input": sum(t.num_rows for t in splits.values()), "train": results["train"].table.num_rows,
-            "test": results["test"].table.num_rows if "test" in results else 0, "rejected": rejects.num_rows}
-    if rows["train"] + rows["test"] + rows["rejected"] != rows["input"]:  # pragma: no cover - invariant
-        raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
-
-    by_reason = dict(Counter(reason_kind(r) for r in rejects.column("reason").to_pylist()))
-    label_counts = {split: dict(sorted(Counter(r.table.column("label").to_pylist()).items()))
-                    for split, r in results.items()}
-    before = validated.extra.get("labels") or sorted(label_counts["train"])
-    warnings = [f"train: label {label!r} has no rows left after cleaning" for label in before
-                if not label_counts["train"].get(label)]
-    metrics: dict[str, float] = {"rows_input": rows["input"], "rows_train": rows["train"], "rows_test": rows["test"],
-                                 "rows_rejected": rows["rejected"]}
-    for split, r in results.items():
-        metrics.update({f"{split}.{k}": v for k, v in r.stats.items()})
-    metrics["duration_s"] = round(time.perf_counter() - start, 4)
     image_shape = validated.extra["image_shape"]
-    report: dict[str, Any] = {"rows": rows, "splits": {s: r.stats for s, r in results.items()},
-                              "rejects_by_reason": by_reason, "label_counts": label_counts, "config": config,
-                              "warnings": warnings}
-    extra = {
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "log_files": [REPORT, "rejects_sample.csv", SAMPLE_PNG],
-        "labels": sorted(label_counts["train"]),
-        "label_counts": label_counts,
-        "rejects_by_reason": by_reason,
-        "warnings": warnings,
-        "has_test": "test" in results,
-        "image_shape": image_shape,
-    }
-    with store.writer(STAGE, fp) as w:
-        for split, r in results.items():
-            w.write_table(f"{split}.parquet", r.table)
-        w.write_table("rejects.parquet", rejects)
-        w.write_json(REPORT, report)
-        sample = rejects_sample(rejects)
-        write_csv_sample(w.path / "rejects_sample.csv", sample.drop_columns(["pixels"]))
-        shown = sample.slice(0, 36)
-        images.grid_png(images.to_numpy(shown.column("pixels")), image_shape,
-                        [f"{images.short_id(i)}\n{reason_kind(r)}" for i, r in zip(shown.column("id").to_pylist(),
-                                                                 shown.column("reason").to_pylist())],
-                        w.path / SAMPLE_PNG, "rejected images (id, reason)")
-        ref = w.write_manifest(config=config, inputs=[validated.fingerprint], code=code, rows=rows, extra=extra)
-    return ref
+    return text_clean.store_result(
+        results, splits, validated, store, fp=fp, config=config, code=code, started=start,
+        extra={"image_shape": image_shape},
+        write_more=lambda directory, sample: _rejected_images_png(directory, sample, image_shape),
+    )

@@ -19,10 +19,9 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks import split as text_split
-from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
+from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, source_hash
 from tasks.config import Recipe, SplitConfig
 from tasks.split import TEST, TRAIN, VALIDATION, SplitResult, assign_groups
 from tasks.vision import images
@@ -89,9 +88,8 @@ def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = F
     if not force and (hit := store.lookup(STAGE, fp)) is not None:
         return hit
 
-    train_in = pq.read_table(cleaned.file("train.parquet"))
-    test_path = cleaned.file("test.parquet")
-    test_in = pq.read_table(test_path) if test_path.exists() else None
+    splits = read_splits(cleaned)
+    train_in, test_in = splits["train"], splits.get("test")
     result = split_tables(train_in, test_in, recipe.split)
     return text_split.store_result(result, train_in, test_in, cleaned, store, fp=fp, config=config, code=code,
                                    extra={"image_shape": cleaned.extra["image_shape"]})

@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks import validate as text_validate
-from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, source_hash
+from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, source_hash
 from tasks.config import Recipe, ValidateConfig
 from tasks.ingest import metric_name, reason_kind
 from tasks.validate import FAIL, OK, WARN, Check, ValidationResult, conflict_mask, duplicate_mask, label_balance
@@ -396,9 +395,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
         return hit
 
     image_shape = ingested.extra["image_shape"]
-    train = pq.read_table(ingested.file("train.parquet"))
-    test_path = ingested.file("test.parquet")
-    test = pq.read_table(test_path) if test_path.exists() else None
+    splits = read_splits(ingested)
+    train, test = splits["train"], splits.get("test")
     test_shape = ingested.extra.get("image_shapes", {}).get("test")
     result = validate_tables(train, test, recipe.validate_, recipe.data.labels, image_shape, ingested.rows, test_shape)
     return text_validate.store_result(result, recipe, ingested, store, fp=fp, config=config, code=code,
