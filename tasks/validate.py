@@ -306,7 +306,8 @@ def leakage_stats(train_keys: pa.Array, test: pa.Table, test_keys: pa.Array) -> 
     }
 
 
-def _max_check(name: str, observed: float, threshold: float, split: str | None, what: str) -> Check:
+def max_check(name: str, observed: float, threshold: float, split: str | None, what: str) -> Check:
+    """A check that fails above ``threshold`` and warns above 0."""
     if observed > threshold:
         status = FAIL
     elif observed > 0:
@@ -316,6 +317,33 @@ def _max_check(name: str, observed: float, threshold: float, split: str | None, 
     where = f"{split}: " if split else ""
     message = f"{where}{name} {observed:.4g} (threshold {threshold:g}): {what}"
     return Check(name, status, float(observed), float(threshold), "max", split, message, what)
+
+
+def balance_checks(train_rows: int, balance: dict[str, Any], cfg: ValidateConfig) -> list[Check]:
+    """Train must keep rows and at least two labels; its rarest class must reach ``min_class_fraction``
+    (an allowed label without any train row warns). ``balance`` is :func:`label_balance` of train."""
+    checks = []
+    if train_rows == 0:
+        checks.append(Check("train_rows", FAIL, 0.0, 1.0, "min", "train", "train: no rows left after validation"))
+    elif balance["num_labels"] < 2:
+        checks.append(Check("num_labels", FAIL, float(balance["num_labels"]), 2.0, "min", "train",
+                            f"train: only {balance['num_labels']} label(s): {list(balance['counts'])}"))
+    rarest = balance["rarest_fraction"]
+    if rarest < cfg.min_class_fraction:
+        status = FAIL
+    elif balance["counts"] and min(balance["counts"].values()) == 0:
+        status = WARN
+    else:
+        status = OK
+    checks.append(Check("min_class_fraction", status, float(rarest), float(cfg.min_class_fraction), "min", "train",
+                        f"train: rarest class {balance['rarest_label']!r} fraction {rarest:.4f} "
+                        f"(threshold {cfg.min_class_fraction:g}; imbalance ratio {fmt(balance['imbalance_ratio'])})"))
+    return checks
+
+
+def overall_status(checks: list[Check]) -> str:
+    """FAIL if any check failed, else WARN if any warned, else OK."""
+    return FAIL if any(c.status == FAIL for c in checks) else WARN if any(c.status == WARN for c in checks) else OK
 
 
 def validate_tables(
@@ -374,24 +402,24 @@ def validate_tables(
         checks.append(Check("unique_ids", WARN, float(repeated_ids), None, None, None,
                             f"{repeated_ids} row id(s) repeated across train/test (same file read twice?)"))
     reject_fraction = (ingest_rejected + rejects.num_rows) / ingest_input if ingest_input else 0.0
-    checks.append(_max_check("reject_fraction", reject_fraction, cfg.max_reject_fraction, None,
+    checks.append(max_check("reject_fraction", reject_fraction, cfg.max_reject_fraction, None,
                              "rejected rows (ingest + validate) / input"))
-    checks.append(_max_check("empty_fraction", empty_rows / n_in if n_in else 0.0, cfg.max_empty_fraction, None,
+    checks.append(max_check("empty_fraction", empty_rows / n_in if n_in else 0.0, cfg.max_empty_fraction, None,
                              "empty or whitespace-only texts / rows"))
     unknown = sum(v for k, v in by_reason.items() if k in ("unknown label", "missing label"))
     label_msg = f"{unknown} row(s) with a missing or unknown label rejected" if unknown else "all labels known"
     checks.append(Check("labels", WARN if unknown else OK, float(unknown), None, None, None, label_msg))
     for split, s in stats.items():
-        checks.append(_max_check("conflict_fraction", s["conflicts"]["fraction"], cfg.max_conflict_fraction, split,
+        checks.append(max_check("conflict_fraction", s["conflicts"]["fraction"], cfg.max_conflict_fraction, split,
                                  "rows sharing a normalised text with a different label / rows"))
     if test_ok is not None:
         leak = leakage_stats(keys["train"], test_ok, keys["test"])
-        checks.append(_max_check("leakage_fraction", leak["fraction"], cfg.max_leakage_fraction, "test",
+        checks.append(max_check("leakage_fraction", leak["fraction"], cfg.max_leakage_fraction, "test",
                                  "test rows whose normalised text is also in train / test rows"))
     else:
         leak = None
     for split, s in stats.items():
-        checks.append(_max_check("truncation_rate", s["length"]["truncation_rate"], cfg.max_truncation_rate, split,
+        checks.append(max_check("truncation_rate", s["length"]["truncation_rate"], cfg.max_truncation_rate, split,
                                  f"texts over tokenizer.max_length={max_length} tokens (lower bound) / rows"))
     for split, s in stats.items():
         dup = s["duplicates"]
@@ -402,26 +430,11 @@ def validate_tables(
         else:
             checks.append(Check("duplicates", OK, 0.0, None, None, split, f"{split}: no duplicates"))
 
-    balance = stats["train"]["labels"]
-    rarest = balance["rarest_fraction"]
-    if train_ok.num_rows == 0:
-        checks.append(Check("train_rows", FAIL, 0.0, 1.0, "min", "train", "train: no rows left after validation"))
-    elif balance["num_labels"] < 2:
-        checks.append(Check("num_labels", FAIL, float(balance["num_labels"]), 2.0, "min", "train",
-                            f"train: only {balance['num_labels']} label(s): {list(balance['counts'])}"))
-    if rarest < cfg.min_class_fraction:
-        status = FAIL
-    elif balance["counts"] and min(balance["counts"].values()) == 0:
-        status = WARN
-    else:
-        status = OK
-    checks.append(Check("min_class_fraction", status, float(rarest), float(cfg.min_class_fraction), "min", "train",
-                        f"train: rarest class {balance['rarest_label']!r} fraction {rarest:.4f} "
-                        f"(threshold {cfg.min_class_fraction:g}; imbalance ratio {_fmt(balance['imbalance_ratio'])})"))
+    checks += balance_checks(train_ok.num_rows, stats["train"]["labels"], cfg)
 
     rows = {"input": n_in, "train": train_ok.num_rows, "test": test_ok.num_rows if test_ok is not None else 0,
             "rejected": rejects.num_rows}
-    status = FAIL if any(c.status == FAIL for c in checks) else WARN if any(c.status == WARN for c in checks) else OK
+    status = overall_status(checks)
     report = {
         "stage": STAGE,
         "status": status,
@@ -445,7 +458,8 @@ def validate_tables(
 # report rendering
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A number for a report: floats to 4 significant decimals, whole floats as integers, None as -."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -455,8 +469,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _md_escape(text: str) -> str:
+def md_escape(text: str) -> str:
+    """Text safe inside a markdown table cell."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
+
+
+def checks_markdown(report: dict[str, Any]) -> list[str]:
+    """The report's "Checks" table and, when rows were rejected, its "Rejected rows" table (markdown lines)."""
+    out = ["## Checks", "", "| check | split | status | observed | threshold | detail |", "|---|---|---|---|---|---|"]
+    for c in report["checks"]:
+        sign = "≤" if c["limit"] == "max" else "≥"
+        threshold = "-" if c["threshold"] is None else f"{sign} {fmt(c['threshold'])}"
+        out.append(f"| {c['name']} | {c['split'] or '-'} | {c['status']} | {fmt(c['observed'])} | {threshold} | "
+                   f"{md_escape(c['detail'] or c['message'])} |")
+    if report["rejects_by_reason"]:
+        out += ["", "## Rejected rows", "", "| reason | rows |", "|---|---|"]
+        out += [f"| {md_escape(k)} | {v} |" for k, v in sorted(report["rejects_by_reason"].items())]
+    return out
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -466,40 +495,32 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += [f"Rows: ingest input {rows['ingest_input']}, ingest rejected {rows['ingest_rejected']}, "
             f"validate input {rows['input']}, passed train {rows['train']} / test {rows['test']}, "
             f"rejected {rows['rejected']}.", ""]
-    out += ["## Checks", "", "| check | split | status | observed | threshold | detail |", "|---|---|---|---|---|---|"]
-    for c in report["checks"]:
-        sign = "≤" if c["limit"] == "max" else "≥"
-        threshold = "-" if c["threshold"] is None else f"{sign} {_fmt(c['threshold'])}"
-        out.append(f"| {c['name']} | {c['split'] or '-'} | {c['status']} | {_fmt(c['observed'])} | {threshold} | "
-                   f"{_md_escape(c['detail'] or c['message'])} |")
-    if report["rejects_by_reason"]:
-        out += ["", "## Rejected rows", "", "| reason | rows |", "|---|---|"]
-        out += [f"| {_md_escape(k)} | {v} |" for k, v in sorted(report["rejects_by_reason"].items())]
+    out += checks_markdown(report)
     for split, s in report["splits"].items():
         out += ["", f"## {split} ({s['rows']} rows)", "", "| label | rows | fraction |", "|---|---|---|"]
         for label, count in s["labels"]["counts"].items():
-            out.append(f"| {_md_escape(str(label))} | {count} | {_fmt(s['labels']['fractions'][label])} |")
-        out.append(f"\nImbalance ratio {_fmt(s['labels']['imbalance_ratio'])}; rarest "
-                   f"{s['labels']['rarest_label']!r} ({_fmt(s['labels']['rarest_fraction'])}).")
+            out.append(f"| {md_escape(str(label))} | {count} | {fmt(s['labels']['fractions'][label])} |")
+        out.append(f"\nImbalance ratio {fmt(s['labels']['imbalance_ratio'])}; rarest "
+                   f"{s['labels']['rarest_label']!r} ({fmt(s['labels']['rarest_fraction'])}).")
         d, c, ln = s["duplicates"], s["conflicts"], s["length"]
         out += ["", "| statistic | value |", "|---|---|",
                 f"| exact duplicate rows | {d['exact_rows']} |",
                 f"| normalised duplicate rows | {d['normalised_rows']} |",
                 f"| distinct texts / keys | {d['distinct_texts']} / {d['distinct_keys']} |",
-                f"| conflicting rows / texts | {c['rows']} / {c['keys']} ({_fmt(c['fraction'])}) |",
+                f"| conflicting rows / texts | {c['rows']} / {c['keys']} ({fmt(c['fraction'])}) |",
                 "| tokens p50 / p90 / p99 / max (lower bound) | "
-                f"{_fmt(ln['p50'])} / {_fmt(ln['p90'])} / {_fmt(ln['p99'])} / {ln['max']} |",
+                f"{fmt(ln['p50'])} / {fmt(ln['p90'])} / {fmt(ln['p99'])} / {ln['max']} |",
                 f"| truncated at max_length {ln['max_length']} | "
-                f"{ln['truncated_rows']} ({_fmt(ln['truncation_rate'])}) |"]
+                f"{ln['truncated_rows']} ({fmt(ln['truncation_rate'])}) |"]
         if c["examples"]:
             out += ["", "Conflict examples:", ""]
-            out += [f"- \"{_md_escape(e['text'][:120])}\": {_md_escape(str(e['labels']))}" for e in c["examples"]]
+            out += [f"- \"{md_escape(e['text'][:120])}\": {md_escape(str(e['labels']))}" for e in c["examples"]]
     leak = report.get("leakage")
     if leak:
         out += ["", "## Leakage", "",
-                f"{leak['test_rows_leaked']} test rows ({_fmt(leak['fraction'])}) share a normalised text with "
+                f"{leak['test_rows_leaked']} test rows ({fmt(leak['fraction'])}) share a normalised text with "
                 f"{leak['train_rows_matching']} train rows."]
-        out += [f"- {e['id']}: \"{_md_escape(e['text'][:120])}\"" for e in leak["examples"]]
+        out += [f"- {e['id']}: \"{md_escape(e['text'][:120])}\"" for e in leak["examples"]]
     out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
 

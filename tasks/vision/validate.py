@@ -186,13 +186,6 @@ def leakage_stats(train: pa.Table, test: pa.Table) -> dict[str, Any]:
             "examples": examples}
 
 
-def _max_check(name: str, observed: float, threshold: float, split: str | None, what: str) -> Check:
-    status = FAIL if observed > threshold else WARN if observed > 0 else OK
-    where = f"{split}: " if split else ""
-    return Check(name, status, float(observed), float(threshold), "max", split,
-                 f"{where}{name} {observed:.4g} (threshold {threshold:g}): {what}", what)
-
-
 # --------------------------------------------------------------------------------------------
 # the checks
 
@@ -252,7 +245,7 @@ def validate_tables(
 
     checks.insert(0, Check("schema", OK, message="id, label: strings; pixels: lists of integers; no null ids"))
     reject_fraction = (ingest_rejected + rejects.num_rows) / ingest_input if ingest_input else 0.0
-    checks.append(_max_check("reject_fraction", reject_fraction, cfg.max_reject_fraction, None,
+    checks.append(text_validate.max_check("reject_fraction", reject_fraction, cfg.max_reject_fraction, None,
                              "rejected rows (ingest + validate) / input"))
     pixel_problems = sum(v for k, v in by_reason.items() if "pixel" in k)
     checks.append(Check("pixels", WARN if pixel_problems else OK, float(pixel_problems), None, None, None,
@@ -262,9 +255,9 @@ def validate_tables(
     checks.append(Check("labels", WARN if unknown else OK, float(unknown), None, None, None,
                         f"{unknown} row(s) with a missing or unknown label rejected" if unknown else "all labels known"))
     for split, s in stats.items():
-        checks.append(_max_check("empty_fraction", s["blank"]["fraction"], cfg.max_empty_fraction, split,
+        checks.append(text_validate.max_check("empty_fraction", s["blank"]["fraction"], cfg.max_empty_fraction, split,
                                  "blank images (one grey level) / rows; clean drops them"))
-        checks.append(_max_check("conflict_fraction", s["conflicts"]["fraction"], cfg.max_conflict_fraction, split,
+        checks.append(text_validate.max_check("conflict_fraction", s["conflicts"]["fraction"], cfg.max_conflict_fraction, split,
                                  "rows whose identical image carries another label / rows"))
         dup = s["duplicates"]["exact_rows"]
         checks.append(Check("duplicates", WARN if dup else OK, float(dup), None, None, split,
@@ -273,20 +266,10 @@ def validate_tables(
     leak = None
     if test_ok is not None and n_test_pixels == n_pixels:
         leak = leakage_stats(train_ok, test_ok)
-        checks.append(_max_check("leakage_fraction", leak["fraction"], cfg.max_leakage_fraction, "test",
+        checks.append(text_validate.max_check("leakage_fraction", leak["fraction"], cfg.max_leakage_fraction, "test",
                                  "test images identical to a train image / test rows"))
     balance = stats["train"]["labels"]
-    if train_ok.num_rows == 0:
-        checks.append(Check("train_rows", FAIL, 0.0, 1.0, "min", "train", "train: no rows left after validation"))
-    elif balance["num_labels"] < 2:
-        checks.append(Check("num_labels", FAIL, float(balance["num_labels"]), 2.0, "min", "train",
-                            f"train: only {balance['num_labels']} label(s): {list(balance['counts'])}"))
-    rarest = balance["rarest_fraction"]
-    empty_class = bool(balance["counts"]) and min(balance["counts"].values()) == 0
-    status = FAIL if rarest < cfg.min_class_fraction else WARN if empty_class else OK
-    checks.append(Check("min_class_fraction", status, float(rarest), float(cfg.min_class_fraction), "min", "train",
-                        f"train: rarest class {balance['rarest_label']!r} fraction {rarest:.4f} (threshold "
-                        f"{cfg.min_class_fraction:g}; imbalance ratio {text_validate._fmt(balance['imbalance_ratio'])})"))
+    checks += text_validate.balance_checks(train_ok.num_rows, balance, cfg)
     if "test" in stats:
         test_fractions = stats["test"]["labels"]["fractions"]
         shift = max((abs(f - test_fractions.get(k, 0.0)) for k, f in balance["fractions"].items()), default=0.0)
@@ -295,7 +278,7 @@ def validate_tables(
 
     rows = {"input": n_in, "train": train_ok.num_rows, "test": test_ok.num_rows if test_ok is not None else 0,
             "rejected": rejects.num_rows}
-    status = FAIL if any(c.status == FAIL for c in checks) else WARN if any(c.status == WARN for c in checks) else OK
+    status = text_validate.overall_status(checks)
     report = {
         "stage": STAGE,
         "status": status,
@@ -315,21 +298,13 @@ def validate_tables(
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as readable markdown tables."""
-    fmt, esc = text_validate._fmt, text_validate._md_escape
+    fmt, esc = text_validate.fmt, text_validate.md_escape
     rows = report["rows"]
     h, w = report["image_shape"]
     summary = (f"Rows: ingest input {rows['ingest_input']}, validate input {rows['input']}, passed train "
                f"{rows['train']} / test {rows['test']}, rejected {rows['rejected']}.")
     out = [f"# Validation report (images {h}x{w}): {report['status'].upper()}", "", summary, "",
-           "## Checks", "", "| check | split | status | observed | threshold | detail |", "|---|---|---|---|---|---|"]
-    for c in report["checks"]:
-        sign = "≤" if c["limit"] == "max" else "≥"
-        threshold = "-" if c["threshold"] is None else f"{sign} {fmt(c['threshold'])}"
-        out.append(f"| {c['name']} | {c['split'] or '-'} | {c['status']} | {fmt(c['observed'])} | {threshold} | "
-                   f"{esc(c['detail'] or c['message'])} |")
-    if report["rejects_by_reason"]:
-        out += ["", "## Rejected rows", "", "| reason | rows |", "|---|---|"]
-        out += [f"| {esc(k)} | {v} |" for k, v in sorted(report["rejects_by_reason"].items())]
+           *text_validate.checks_markdown(report)]
     for split, s in report["splits"].items():
         p = s["pixels"]
         out += ["", f"## {split} ({s['rows']} images)", "", "| label | rows | fraction |", "|---|---|---|"]
