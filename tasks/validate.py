@@ -538,25 +538,18 @@ def validate_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _metrics(result: ValidationResult) -> dict[str, float]:
-    report = result.report
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The metrics every validation report has, text or images: row counts, warnings, rejects by
+    reason, per-split label balance and leakage."""
     rows = report["rows"]
     metrics: dict[str, float] = {
         "rows_input": rows["input"], "rows_train": rows["train"], "rows_test": rows["test"],
         "rows_rejected": rows["rejected"], "reject_fraction": rows["reject_fraction"],
-        "empty_rows": rows["empty_text"],
         "warnings": len(report["warnings"]),
     }
     for kind, count in report["rejects_by_reason"].items():
         metrics[f"rejected.{ingest.metric_name(kind)}"] = count
     for split, s in report["splits"].items():
-        metrics[f"{split}.exact_duplicate_rows"] = s["duplicates"]["exact_rows"]
-        metrics[f"{split}.normalised_duplicate_rows"] = s["duplicates"]["normalised_rows"]
-        metrics[f"{split}.conflict_rows"] = s["conflicts"]["rows"]
-        metrics[f"{split}.conflict_fraction"] = s["conflicts"]["fraction"]
-        metrics[f"{split}.truncation_rate"] = s["length"]["truncation_rate"]
-        for p in ("p50", "p90", "p99", "max"):
-            metrics[f"{split}.tokens_{p}"] = s["length"][p]
         metrics[f"{split}.num_labels"] = s["labels"]["num_labels"]
         ratio = s["labels"]["imbalance_ratio"]
         if ratio is not None and ratio != float("inf"):
@@ -567,6 +560,20 @@ def _metrics(result: ValidationResult) -> dict[str, float]:
     if report["leakage"] is not None:
         metrics["leakage_fraction"] = report["leakage"]["fraction"]
         metrics["leaked_test_rows"] = report["leakage"]["test_rows_leaked"]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _metrics(result: ValidationResult) -> dict[str, float]:
+    report = result.report
+    metrics = {**report_metrics(report), "empty_rows": report["rows"]["empty_text"]}
+    for split, s in report["splits"].items():
+        metrics[f"{split}.exact_duplicate_rows"] = s["duplicates"]["exact_rows"]
+        metrics[f"{split}.normalised_duplicate_rows"] = s["duplicates"]["normalised_rows"]
+        metrics[f"{split}.conflict_rows"] = s["conflicts"]["rows"]
+        metrics[f"{split}.conflict_fraction"] = s["conflicts"]["fraction"]
+        metrics[f"{split}.truncation_rate"] = s["length"]["truncation_rate"]
+        for p in ("p50", "p90", "p99", "max"):
+            metrics[f"{split}.tokens_{p}"] = s["length"][p]
     return {k: float(v) for k, v in metrics.items()}
 
 

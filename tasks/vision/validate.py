@@ -37,7 +37,7 @@ import pyarrow as pa
 from tasks import validate as text_validate
 from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, source_hash
 from tasks.config import Recipe, ValidateConfig
-from tasks.ingest import metric_name, reason_kind
+from tasks.ingest import reason_kind
 from tasks.validate import FAIL, OK, WARN, Check, ValidationResult, conflict_mask, duplicate_mask, label_balance
 from tasks.vision import images
 
@@ -330,12 +330,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _metrics(result: ValidationResult) -> dict[str, float]:
     report = result.report
-    rows = report["rows"]
-    metrics: dict[str, float] = {"rows_input": rows["input"], "rows_train": rows["train"], "rows_test": rows["test"],
-                                 "rows_rejected": rows["rejected"], "reject_fraction": rows["reject_fraction"],
-                                 "warnings": len(report["warnings"])}
-    for kind, count in report["rejects_by_reason"].items():
-        metrics[f"rejected.{metric_name(kind)}"] = count
+    metrics = text_validate.report_metrics(report)
     for split, s in report["splits"].items():
         metrics[f"{split}.blank_rows"] = s["blank"]["rows"]
         metrics[f"{split}.duplicate_rows"] = s["duplicates"]["exact_rows"]
@@ -343,16 +338,6 @@ def _metrics(result: ValidationResult) -> dict[str, float]:
         metrics[f"{split}.pixel_mean"] = s["pixels"]["mean"]
         metrics[f"{split}.pixel_std"] = s["pixels"]["std"]
         metrics[f"{split}.ink_mean"] = s["pixels"]["ink_mean"]
-        metrics[f"{split}.num_labels"] = s["labels"]["num_labels"]
-        metrics[f"{split}.min_class_fraction"] = s["labels"]["rarest_fraction"]
-        ratio = s["labels"]["imbalance_ratio"]
-        if ratio is not None and ratio != float("inf"):
-            metrics[f"{split}.imbalance_ratio"] = ratio
-        for label, frac in s["labels"]["fractions"].items():
-            metrics[f"{split}.label_fraction.{metric_name(str(label))}"] = frac
-    if report["leakage"] is not None:
-        metrics["leakage_fraction"] = report["leakage"]["fraction"]
-        metrics["leaked_test_rows"] = report["leakage"]["test_rows_leaked"]
     return {k: float(v) for k, v in metrics.items()}
 
 
