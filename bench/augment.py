@@ -7,9 +7,9 @@ Run from the repository root (offline, CPU; a few minutes on 2 cores)::
 For each seed: a seeded sample of ``--rows`` rows of SST-2 train goes through the real prep stages
 (ingest -> validate -> clean -> split -> tokenize, each stage's ``run()`` into a temporary artifact
 store; the GLUE dev set is the test file), then the augment stage runs twice: disabled (baseline)
-and enabled (``copies``, ``p``; ours). The same small from-scratch TransformerClassifier is trained
-on each with :func:`tasks.train.fit` (same model, optimiser, epochs, early stopping on the same
-validation split, same seed) and scored on dev with :func:`tasks.train.predict_proba`. The seed
+and enabled (``copies``, ``p``; ours). The same small from-scratch Transformer classifier is trained
+on each with :func:`tasks.text.train.fit` (same model, optimiser, epochs, early stopping on the same
+validation split, same seed) and scored on dev with :func:`tasks.text.loader.predict_proba`. The seed
 drives the train sample, the split, the augmentation draws and the initialisation/shuffling.
 
 Result: ours = with augmentation, baseline = without, ratio = mean dev accuracy with / without,
@@ -30,11 +30,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from models.transformer import TransformerClassifier, TransformerConfig
-from tasks import augment, clean, ingest, split, tokenize, validate
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import AugmentConfig, Recipe, TrainConfig, load_recipe
-from tasks.train import EncodedSplit, fit, predict_proba, score
+from models.encoders import EncoderConfig
+from tasks.core.config import TrainConfig
+from tasks.core.fit import score
+from tasks.core.store import ArtifactStore, StageRef
+from tasks.registry import Recipe, load_recipe
+from tasks.text import augment, clean, ingest, split, validate
+from tasks.text import encode as tokenize
+from tasks.text.config import AugmentConfig
+from tasks.text.loader import EncodedSplit, predict_proba
+from tasks.text.train import HEAD, build_model, fit
 
 try:  # python -m bench.augment
     from bench import common
@@ -43,7 +48,7 @@ except ModuleNotFoundError:  # python bench/augment.py: bench/ itself is on the 
 
 CONFIG = common.ROOT / "configs" / "sst2.yaml"
 # small enough for well under a minute per run on 2 CPU cores
-MODEL = TransformerConfig(d_model=64, n_layers=1, n_heads=4, d_ff=128, dropout=0.2)
+MODEL = EncoderConfig(d_model=64, n_layers=1, n_heads=4, d_ff=128, dropout=0.2)
 TRAIN = {"epochs": 8, "batch_size": 32, "lr": 1e-3, "patience": 3, "device": "cpu"}
 
 
@@ -94,15 +99,12 @@ def train_and_score(recipe: Recipe, tokenized: StageRef, augmented: StageRef, re
     train = EncodedSplit.from_table(pa.concat_tables([table] * repeat) if repeat > 1 else table)
     validation = EncodedSplit.read(tokenized.file("validation.parquet"))
     dev = EncodedSplit.read(tokenized.file("test.parquet"))
-    torch.manual_seed(recipe.train.seed)
-    model = TransformerClassifier(recipe.model, vocab_size=int(tokenized.extra["vocab_size"]),
-                                  num_classes=int(tokenized.extra["num_labels"]),
-                                  max_length=recipe.tokenizer.max_length, pad_id=int(tokenized.extra["pad_id"]))
+    model = build_model(recipe, tokenized, int(tokenized.extra["num_labels"]))
     started = time.perf_counter()
-    result = fit(model, train, validation, recipe.train, "accuracy")
+    result = fit(model, train, validation, recipe)
     seconds = time.perf_counter() - started
     device = torch.device(recipe.train.device)
-    predicted = predict_proba(model, dev, model.pad_id, device).argmax(1)
+    predicted = predict_proba(model, dev, model.pad_id, device, HEAD).argmax(1)
     dev_scores = score(dev.labels, predicted)
     return {
         "dev_accuracy": round(dev_scores["accuracy"], 6),

@@ -1,7 +1,7 @@
 """Helpers shared by the ``bench/*.py`` benchmarks: timing, medians, the machine, the JSON file.
 
-Every benchmark writes ``{"name", "ours", "baseline", "ratio", "unit", "machine", ...}`` (DESIGN.md,
-"Benchmarks"); :func:`machine` is the ``machine`` block, :func:`write_result` writes the file.
+Every benchmark writes ``{"name", "ours", "baseline", "ratio", "unit", "machine", ...}`` (``ratio`` > 1
+means ours is better); :func:`machine` is the ``machine`` block, :func:`write_result` writes the file.
 """
 
 from __future__ import annotations

@@ -37,12 +37,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from models.mlp import MLPConfig
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import Recipe, TrainConfig, load_recipe
-from tasks.train import lr_multiplier, make_optimizer
-from tasks.vision import augment, clean, images, ingest, normalize, split, train, validate
-from tasks.vision.normalize import fit_normalization
+from models.vision import ImageModelConfig
+from tasks.core.config import TrainConfig
+from tasks.core.fit import lr_multiplier, make_optimizer
+from tasks.core.store import ArtifactStore, StageRef
+from tasks.registry import Recipe, load_recipe
+from tasks.vision import augment, clean, images, ingest, loader, split, train, validate
+from tasks.vision import encode as normalize
+from tasks.vision.encode import fit_normalization
 
 try:  # python -m bench.mnist
     from bench import common
@@ -71,7 +73,7 @@ def exact_protocol(kind: str, seed: int, data: dict[str, np.ndarray]) -> dict[st
     """The document's training loop: every train image, 10 epochs, last weights; test accuracy per epoch."""
     cfg = DOCUMENT_TRAIN.model_copy(update={"seed": seed})
     norm = fit_normalization(data["train_pixels"])
-    model = train.build_model(MLPConfig(kind=kind), (28, 28), 10, seed)
+    model = train.build_model(ImageModelConfig(kind=kind), (28, 28), 10, seed)
     torch.manual_seed(seed)
     optimizer = make_optimizer(model, cfg)
     steps = cfg.epochs * -(-len(data["train_labels"]) // cfg.batch_size)
@@ -81,8 +83,8 @@ def exact_protocol(kind: str, seed: int, data: dict[str, np.ndarray]) -> dict[st
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         rng = np.random.default_rng([seed, epoch])
-        for index in train.shuffled_batches(len(data["train_labels"]), cfg.batch_size, rng):
-            x = train.batch_tensor(data["train_pixels"], index, norm["mean"], norm["std"])
+        for index in loader.shuffled_batches(len(data["train_labels"]), cfg.batch_size, rng):
+            x = loader.batch_tensor(data["train_pixels"], index, norm["mean"], norm["std"])
             _, loss = model(x, torch.from_numpy(data["train_labels"][index]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

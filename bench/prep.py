@@ -6,11 +6,11 @@ Run from the repository root (offline; a few minutes on 2 cores)::
 
 Three comparisons on the same texts, in one process, on the same machine:
 
-(a) clean + tokenize: :func:`tasks.clean.clean_texts` then :func:`tasks.tokenize.encode`, against
+(a) clean + tokenize: :func:`tasks.text.clean.clean_texts` then :func:`tasks.text.encode.encode`, against
     HF ``datasets.Dataset.from_dict(...).map(batched=True)`` running an equivalent pure-Python
     cleaning function and the same tokenizer's ``encode_batch`` (output: cleaned text plus
     ``input_ids``; both outputs are checked identical). ``speedup_vs_hf_datasets`` = HF / ours.
-(b) tokenization alone: :func:`tasks.tokenize.encode` against a bare ``tokenizer.encode_batch``
+(b) tokenization alone: :func:`tasks.text.encode.encode` against a bare ``tokenizer.encode_batch``
     on the cleaned texts. ``tokenize_vs_raw`` = ours / raw.
 (c) the whole prep, ingest -> validate -> clean -> split -> tokenize -> augment, through each
     stage's ``run(..., force=True)`` into a temporary artifact store (validation, Parquet writes,
@@ -43,9 +43,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from tasks import augment, clean, ingest, split, tokenize, validate
-from tasks.artifacts import ArtifactStore
-from tasks.config import CleanConfig, Recipe, load_recipe
+from tasks.core.store import ArtifactStore
+from tasks.registry import Recipe, load_recipe
+from tasks.text import augment, clean, ingest, split, validate
+from tasks.text import encode as tokenize
+from tasks.text.config import CleanConfig
 
 try:  # python -m bench.prep
     from bench import common
@@ -55,10 +57,10 @@ except ModuleNotFoundError:  # python bench/prep.py: bench/ itself is on the pat
 CONFIG = common.ROOT / "configs" / "sst2.yaml"
 TARGETS = {"speedup_vs_hf_datasets": (">=", 1.5), "tokenize_vs_raw": ("<=", 1.3), "prep_vs_raw": ("<=", 3.0)}
 HF_BATCH_SIZE = 1000  # datasets' default for map(batched=True)
-PREP_STAGES = ("ingest", "validate", "clean", "split", "tokenize", "augment")
+PREP_STAGES = ("ingest", "validate", "clean", "split", "encode", "augment")
 
 # ------------------------------------------------------------------------------------------------
-# the baseline a user would write: pure-Python cleaning equivalent to tasks.clean.clean_texts
+# the baseline a user would write: pure-Python cleaning equivalent to tasks.text.clean.clean_texts
 
 # clean.HTML_BLOCK in Python syntax; RE2's ASCII ``\b`` and ``\s`` spelled out
 BLOCK_RE = re.compile(r"(?is)<(?:script|style)(?![A-Za-z0-9_]).*?</(?:script|style)[\t\n\f\r ]*>|<!--.*?-->")
@@ -156,7 +158,7 @@ def whole_prep(recipe: Recipe, store: ArtifactStore) -> dict[str, Any]:
     validated = stage("validate", lambda: validate.run(recipe, ingested, store, force=True))
     cleaned = stage("clean", lambda: clean.run(recipe, validated, store, force=True))
     splits = stage("split", lambda: split.run(recipe, cleaned, store, force=True))
-    tokenized = stage("tokenize", lambda: tokenize.run(recipe, splits, store, force=True))
+    tokenized = stage("encode", lambda: tokenize.run(recipe, splits, store, force=True))
     stage("augment", lambda: augment.run(recipe, tokenized, store, force=True))
     return {"seconds": seconds, "rows": {name: ref.rows for name, ref in refs.items()}}
 
@@ -270,7 +272,7 @@ def run_benchmark(config: Path = CONFIG, rows: int | None = None, repeat: int = 
     return {
         "name": "prep",
         "ours": {
-            "what": "tasks.clean.clean_texts + tasks.tokenize.encode (pyarrow kernels, encode_batch_fast on a helper thread)",
+            "what": "tasks.text.clean.clean_texts + tasks.text.encode.encode (pyarrow kernels, encode_batch_fast on a helper thread)",
             "seconds": common.summary(samples["ours_clean_tokenize"]),
         },
         "baseline": {

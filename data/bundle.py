@@ -1,6 +1,6 @@
-"""Rebuild the bundled datasets in data/ from the originals in ../shared/data (checked by sha256).
+"""Rebuild the bundled datasets in data/ from a folder of the original files (checked by sha256).
 
-    python data/bundle.py [--source ../shared/data]
+    python data/bundle.py --source DIR      # DIR/sst2/{train,dev}.tsv, DIR/trec/*.label, DIR/mnist/*.gz
 
 SST-2 train and dev become zstd-compressed Parquet (columns ``sentence``, ``label`` exactly as in the
 TSV: split on the tab, no quoting). TREC is copied byte for byte: its one non-UTF-8 byte stays, so
@@ -50,7 +50,8 @@ def sst2_to_parquet(tsv: Path, out: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    parser.add_argument("--source", type=Path, required=True,
+                        help="folder with the original files (sources in README.md, 'Datasets and attribution')")
     args = parser.parse_args()
     here = Path(__file__).resolve().parent
     for split in ("train", "dev"):

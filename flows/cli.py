@@ -22,19 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from flows.params import add_recipe_arguments, recipe_from_args
-
-# Quiet, offline defaults; any of them can still be set by the user's environment.
-_ENV_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HF_HUB_OFFLINE": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
+from tasks.core.environment import DEFAULTS as _ENV_DEFAULTS  # noqa: F401  (quiet, offline defaults: one list for every entry point)
 
 
 def _environment() -> None:
-    for key, value in _ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    """Set the unset quiet, offline defaults (the user's environment wins): ``tasks.core.environment``."""
+    from tasks.core.environment import apply_defaults
+
+    apply_defaults()
 
 
 class _NoTracebacks(logging.Filter):
@@ -53,8 +48,8 @@ def _quiet_tracebacks() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from tasks.artifacts import DataError
-    from tasks.config import RecipeError
+    from tasks.core.config import RecipeError
+    from tasks.core.store import DataError
 
     return DataError, RecipeError
 
@@ -66,7 +61,7 @@ def _write_json(path: Path | None, value: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     started = time.time()
     recipe = recipe_from_args(args)
@@ -117,7 +112,7 @@ def image_pixels(path: Path, shape: tuple[int, int] = DEFAULT_IMAGE_SHAPE, inver
     """An image file as 8-bit greyscale pixels, resized to ``shape`` (H, W) when it differs, row-major."""
     from PIL import Image, UnidentifiedImageError
 
-    from tasks.artifacts import DataError
+    from tasks.core.store import DataError
 
     try:
         with Image.open(path) as image:
@@ -134,8 +129,8 @@ def image_pixels(path: Path, shape: tuple[int, int] = DEFAULT_IMAGE_SHAPE, inver
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from tasks import tracking
-    from tasks.artifacts import DataError
+    from tasks.core import tracking
+    from tasks.core.store import DataError
 
     tracking.configure()
     missing = [item for item in args.texts if Path(item).suffix.lower() in IMAGE_SUFFIXES and not Path(item).exists()]
@@ -157,13 +152,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         result = model.predict(pd.DataFrame({"text": args.texts}))
         key = "text"
-    for item, label, score in zip(args.texts, result["label"], result["score"]):
-        print(json.dumps({key: item, "label": label, "score": round(float(score), 4)}))
+    names = result["label_name"] if "label_name" in result.columns else result["label"]
+    for item, label, name, score in zip(args.texts, result["label"], names, result["score"]):
+        print(json.dumps({key: item, "label": name, **({"class": label} if name != label else {}),
+                          "score": round(float(score), 4)}))
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tasks import tracking
+    from tasks.core import tracking
     from tasks.deploy import promote
 
     tracking.configure()
@@ -173,13 +170,38 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks import tracking
+    from tasks.core import tracking
     from tasks.deploy import rollback
 
     tracking.configure()
     before, after = rollback(args.model)
     print(f"nightshift: {args.model} champion {before} -> {after} (previous is now {before})")
     return 0
+
+
+def _rest(args: argparse.Namespace) -> list[str]:
+    return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from infra.stack import main as stack_main
+
+    return stack_main(_rest(args))
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from flows.deployments import main as schedule_main
+
+    return schedule_main(_rest(args))
+
+
+def _use_running_stack() -> None:
+    """A healthy stack under NIGHTSHIFT_HOME supplies the server variables the environment leaves unset,
+    so a user who only runs `nightshift ...` needs no exports."""
+    from infra.stack import stack_env
+
+    for key, value in stack_env().items():
+        os.environ.setdefault(key, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole pipeline once")
     add_recipe_arguments(run)
-    run.add_argument("--summary-json", type=Path, help="write the run summary (DESIGN.md fields) to this file")
+    run.add_argument("--summary-json", type=Path, help="write the run summary (status, recipe, mlflow, data, metrics, model, decision, cache, timings_s) to this file")
     run.set_defaults(func=cmd_run)
 
     predict = sub.add_parser("predict", help="predict with a registered model")
@@ -211,12 +233,32 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="swap 'champion' and 'previous'")
     rollback.add_argument("--model", required=True)
     rollback.set_defaults(func=cmd_rollback)
+
+    # the service commands parse their own arguments (infra/stack.py, flows/deployments.py)
+    stack = sub.add_parser("stack", add_help=False, help="PostgreSQL + Prefect server + MLflow server on loopback: "
+                                                         "up | down | status | env (see `nightshift stack --help`)")
+    stack.add_argument("rest", nargs=argparse.REMAINDER)
+    stack.set_defaults(func=cmd_stack)
+    schedule = sub.add_parser("schedule", add_help=False, help="serve one nightly deployment per recipe (blocks; "
+                                                               "see `nightshift schedule --help`)")
+    schedule.add_argument("rest", nargs=argparse.REMAINDER)
+    schedule.set_defaults(func=cmd_schedule)
     return parser
 
 
+SERVICE_COMMANDS = ("stack", "schedule")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((i for i, a in enumerate(argv) if a != "--debug"), None)
+    if first is not None and argv[first] in SERVICE_COMMANDS:
+        # argparse's REMAINDER drops a leading option (`stack --help`): hand the rest over untouched
+        argv = [*argv[:first + 1], "--", *argv[first + 1:]]
     args = build_parser().parse_args(argv)
     _environment()
+    if args.command != "stack":
+        _use_running_stack()
     if not args.debug:
         _quiet_tracebacks()
     try:

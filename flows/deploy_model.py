@@ -7,21 +7,20 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import Recipe
-from tasks.deploy import deploy_task
-from tasks.lineage import Deployed, Evaluated, PreparedData, TrainedModel, mlflow_run
-from tasks.register import register_task
+from tasks import stages
+from tasks.core.lineage import Deployed, Evaluated, PreparedData, TrainedModel
+from tasks.registry import Recipe
 
 
 @flow(name="deploy-model")
 def deploy_model(
     recipe: Recipe, data: PreparedData, trained: TrainedModel, evaluated: Evaluated, parent_run_id: str | None = None
 ) -> Deployed:
-    """Log + register the model as challenger; promote it to champion when the gate passed."""
-    with mlflow_run(recipe, "deploy", parent_run_id) as run_id:
-        tokenized = data.stages["tokenize"]
-        registered = register_task(recipe, trained.stage, evaluated.stage, tokenized, data.fingerprint, run_id)
-        release = deploy_task(registered.name, registered.version, evaluated.stage, tokenized)
+    """Log + register the model as challenger (from the train run); promote it to champion when the gate passed."""
+    with stages.mlflow_run(recipe, "deploy", parent_run_id) as run_id:
+        encoded = data.stages["encode"]
+        registered = stages.register(recipe, trained.stage, evaluated.stage, encoded, data.fingerprint, trained.run_id)
+        release = stages.deploy(recipe, registered.version, evaluated.stage, encoded)
     return Deployed(run_id=run_id, name=registered.name, version=registered.version, uri=registered.uri,
                     reused=registered.reused, release=release.model_dump())
 
@@ -31,8 +30,9 @@ if __name__ == "__main__":
     from flows.params import standalone
     from flows.prepare_data import prepare_data
     from flows.train_model import train_model
+    from tasks.core.lineage import brief
 
     recipe, force = standalone(__doc__.splitlines()[0])
     data = prepare_data(recipe)
     trained = train_model(recipe, data)
-    print(deploy_model(recipe, data, trained, evaluate_model(recipe, data, trained)).model_dump_json(indent=2))
+    print(brief(deploy_model(recipe, data, trained, evaluate_model(recipe, data, trained))))

@@ -1,6 +1,6 @@
 """Flow parameters and the command-line glue that turns a recipe path into them.
 
-The recipe models themselves live in ``tasks.config`` (tasks must not import flows); Prefect renders
+The recipe models themselves live in the kind packages, joined by ``tasks.registry`` (tasks must not import flows); Prefect renders
 ``Recipe`` as the typed run form in its UI, with each field's description as help text.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.config import Recipe, load_recipe
+from tasks.core.environment import apply_defaults
+from tasks.registry import AnyRecipe, load_recipe
 
 DEFAULT_RECIPE = Path("configs/sst2.yaml")
 
@@ -22,12 +23,20 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="ignore the fingerprint cache and recompute every stage")
 
 
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
+def recipe_from_args(args: argparse.Namespace) -> AnyRecipe:
     return load_recipe(args.config, args.overrides)
 
 
-def standalone(description: str) -> tuple[Recipe, bool]:
-    """Parse the arguments of ``python -m flows.<sub_flow>``: the recipe and --force."""
+def standalone(description: str) -> tuple[AnyRecipe, bool]:
+    """Set up ``python -m flows.<flow>`` as ``nightshift`` is; parse its arguments: the recipe and --force.
+
+    The quiet, offline defaults of every entry point (:func:`tasks.core.environment.apply_defaults`)
+    come first. Prefect read its settings when the flow module imported it, so they are read again.
+    """
+    apply_defaults()
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
     parser = argparse.ArgumentParser(description=description)
     add_recipe_arguments(parser)
     args = parser.parse_args()

@@ -17,8 +17,8 @@ from flows.deploy_model import deploy_model
 from flows.evaluate_model import evaluate_model
 from flows.prepare_data import prepare_data
 from flows.train_model import train_model
-from tasks.config import Recipe
-from tasks.lineage import mlflow_run, summarize
+from tasks.registry import Recipe
+from tasks.stages import mlflow_run, summarize
 
 
 @flow(name="nightshift-pipeline")
@@ -34,9 +34,8 @@ def pipeline(recipe: Recipe, force: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import json
-
     from flows.params import standalone
+    from tasks.core.lineage import brief
 
     recipe, force = standalone(__doc__.splitlines()[0])
-    print(json.dumps(pipeline(recipe, force), indent=2))
+    print(brief(pipeline(recipe, force)))

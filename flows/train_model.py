@@ -7,22 +7,23 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import Recipe
-from tasks.lineage import PreparedData, TrainedModel, mlflow_run
-from tasks.train import train_task
+from tasks import stages
+from tasks.core.lineage import PreparedData, TrainedModel
+from tasks.registry import Recipe
 
 
 @flow(name="train-model")
 def train_model(recipe: Recipe, data: PreparedData, parent_run_id: str | None = None, force: bool = False) -> TrainedModel:
-    """Train on data.augment's train split with early stopping on data.tokenize's validation split."""
-    with mlflow_run(recipe, "train", parent_run_id) as run_id:
-        trained = train_task(recipe, data.stages["augment"], data.stages["tokenize"], run_id, force)
+    """Train on data.augment's train split with early stopping on data.encode's validation split."""
+    with stages.mlflow_run(recipe, "train", parent_run_id) as run_id:
+        trained = stages.train(recipe, data.stages["augment"], data.stages["encode"], run_id, force)
     return TrainedModel(run_id=run_id, stage=trained)
 
 
 if __name__ == "__main__":
     from flows.params import standalone
     from flows.prepare_data import prepare_data
+    from tasks.core.lineage import brief
 
     recipe, force = standalone(__doc__.splitlines()[0])
-    print(train_model(recipe, prepare_data(recipe), force=force).model_dump_json(indent=2))
+    print(brief(train_model(recipe, prepare_data(recipe), force=force)))

@@ -10,18 +10,13 @@ Run alone: ``python -m flows.deploy_model --config configs/sst2.yaml`` (after ev
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-import pyarrow.parquet as pq
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks import tracking
-from tasks.artifacts import StageRef
+from tasks.core import tracking
 
 
 class ReleaseError(RuntimeError):
@@ -107,18 +102,3 @@ def release(
             restore_aliases(name, {"champion": before, "previous": previous_before})
             raise ReleaseError(f"smoke test of {name} v{version} failed, champion reverted to {before}: {exc}") from exc
     return Release(promoted=True, reason=gate_reason, champion_before=before, champion_after=version, smoke_seconds=seconds)
-
-
-@task(name="deploy", retries=0, cache_policy=NONE)
-def deploy_task(model_name: str, version: str, evaluated: StageRef, tokenized: StageRef, sample: int = 32) -> Release:
-    """Promote when the gate passed; smoke-test the champion alias against the offline predictions."""
-    tracking.configure()
-    decision = evaluated.extra["decision"]
-    predictions = json.loads(evaluated.file("predictions.json").read_text())
-    column = "pixels" if tokenized.extra.get("task") == "image-classification" else "text"
-    inputs = pq.read_table(tokenized.file("test.parquet"), columns=[column]).column(column).slice(0, sample).to_pylist()
-    expected = predictions["pred"][:sample]
-    outcome = release(model_name, version, decision["passed"], decision["reason"],
-                      smoke=lambda uri: smoke_test(uri, inputs, expected, column))
-    get_run_logger().info("deploy: %s", outcome.reason)
-    return outcome

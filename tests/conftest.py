@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -22,7 +21,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh NIGHTSHIFT_HOME (artifacts, checkpoints, embedded MLflow) for one test."""
     path = tmp_path / "home"
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # set then deleted: undone after the test
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     return path
 
 

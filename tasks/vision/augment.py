@@ -16,7 +16,6 @@ through with ``augmented=False``. Output: ``train.parquet`` (normalize's columns
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -24,15 +23,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.artifacts import ArtifactStore, StageRef, fingerprint, source_hash
-from tasks.config import AugmentConfig, Recipe
-from tasks.vision import images, normalize
+from tasks.core.rejects import rejects_schema
+from tasks.core.store import ArtifactStore, StageRef, stage_key
+from tasks.vision import encode as normalize
+from tasks.vision import images
+from tasks.vision.config import ImageAugmentConfig as AugmentConfig
+from tasks.vision.config import ImageRecipe
 
 STAGE = "augment"
 SAMPLES_PNG = "augmentation_samples.png"
 N_SAMPLES = 12
 CHUNK = 4096
-REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("label", pa.string())])
+REJECTS_SCHEMA = rejects_schema(("label", pa.string()))
 # facts of the normalize stage that train and evaluate need, passed through so train can read one ref
 _PASSED_THROUGH = ("task", "labels", "num_labels", "mean", "std", "scale", "image_shape", "labels_file",
                    "normalization_file")
@@ -99,13 +101,12 @@ def _config(cfg: AugmentConfig) -> dict[str, Any]:
             "seed": cfg.seed}
 
 
-def run(recipe: Recipe, normalized: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+def run(recipe: ImageRecipe, normalized: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
     """Write the (augmented) train split next to the normalize output (cached by fingerprint)."""
     cfg = recipe.augment
     config = _config(cfg)
-    code = source_hash(sys.modules[__name__], images)
-    fp = fingerprint(STAGE, config, [normalized.fingerprint], code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+    key = stage_key(STAGE, config, [normalized.fingerprint], __name__)
+    if (hit := store.cached(key, force)) is not None:
         return hit
 
     n_pixels = int(np.prod(normalized.extra["image_shape"]))
@@ -152,11 +153,11 @@ def run(recipe: Recipe, normalized: StageRef, store: ArtifactStore, force: bool 
         "metrics": metrics,
         "log_files": [SAMPLES_PNG] if samples is not None else [],
     }
-    with store.writer(STAGE, fp) as w:
+    with store.writer(key) as w:
         w.write_table("train.parquet", table)
         w.write_table("rejects.parquet", pa.Table.from_batches([], schema=REJECTS_SCHEMA))
         if samples is not None:
             images.grid_png(samples[0], image_shape, samples[1], w.path / SAMPLES_PNG,
                             "original | augmented (angle, (down, right) shift)", cols=6)
-        ref = w.write_manifest(config=config, inputs=[normalized.fingerprint], code=code, rows=rows, extra=extra)
+        ref = w.write_manifest(rows=rows, extra=extra)
     return ref

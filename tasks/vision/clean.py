@@ -16,7 +16,6 @@ Output: ``train.parquet`` / ``test.parquet`` (the kept rows, order kept), ``reje
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tasks import clean as text_clean
-from tasks.artifacts import ArtifactStore, StageRef, fingerprint, read_splits, source_hash
-from tasks.clean import CleanResult
-from tasks.config import CleanConfig, Recipe
-from tasks.ingest import metric_name, reason_kind
-from tasks.validate import codes, conflict_mask, duplicate_mask
+from tasks.core.checks import codes, conflict_mask, duplicate_mask
+from tasks.core.cleaning import CleanResult, store_result
+from tasks.core.rejects import metric_name, reason_kind
+from tasks.core.rejects import rejects_schema as core_rejects_schema
+from tasks.core.store import ArtifactStore, StageRef, read_splits, stage_key
 from tasks.vision import images
+from tasks.vision.config import ImageCleanConfig as CleanConfig
+from tasks.vision.config import ImageRecipe
 from tasks.vision.validate import blank_mask
 
 STAGE = "clean"
@@ -38,8 +38,7 @@ SAMPLE_PNG = "rejects_sample.png"
 
 
 def rejects_schema(n_pixels: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("label", pa.string()),
-                      ("pixels", images.pixels_type(n_pixels))])
+    return core_rejects_schema(("label", pa.string()), ("pixels", images.pixels_type(n_pixels)))
 
 
 def image_reasons(pixels: np.ndarray, ids: list[str], labels: list[str], cfg: CleanConfig) -> list[str | None]:
@@ -100,20 +99,19 @@ def _rejected_images_png(directory: Path, sample: pa.Table, image_shape: list[in
     return [SAMPLE_PNG]
 
 
-def run(recipe: Recipe, validated: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+def run(recipe: ImageRecipe, validated: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
     """Clean the validated images (cached by fingerprint); rows in = rows out + rejected."""
     start = time.perf_counter()
     config = {"dedupe": recipe.clean.dedupe, "drop_conflicts": recipe.clean.drop_conflicts}
-    code = source_hash(sys.modules[__name__], images)
-    fp = fingerprint(STAGE, config, [validated.fingerprint], code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+    key = stage_key(STAGE, config, [validated.fingerprint], __name__)
+    if (hit := store.cached(key, force)) is not None:
         return hit
 
     splits = read_splits(validated)
     results = {split: clean_table(table, recipe.clean, split) for split, table in splits.items()}
     image_shape = validated.extra["image_shape"]
-    return text_clean.store_result(
-        results, splits, validated, store, fp=fp, config=config, code=code, started=start,
+    return store_result(
+        results, splits, validated, key, store, started=start,
         extra={"image_shape": image_shape},
         write_more=lambda directory, sample: _rejected_images_png(directory, sample, image_shape),
     )

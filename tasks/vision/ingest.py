@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import sys
 import time
 import zlib
 from collections import Counter
@@ -34,17 +33,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks import ingest as text_ingest
-from tasks.artifacts import ArtifactStore, DataError, StageRef, file_fingerprint, fingerprint, source_hash
-from tasks.config import Recipe
+from tasks.core.rejects import rejects_schema
+from tasks.core.sources import file_fingerprint, ingest_config, resolve_paths
+from tasks.core.store import ArtifactStore, DataError, StageRef, stage_key
 from tasks.vision import images
+from tasks.vision.config import ImageRecipe
 
 STAGE = "ingest"
 IMAGES_MAGIC = 2051  # 0x00000803
 LABELS_MAGIC = 2049  # 0x00000801
 GZIP_MAGIC = b"\x1f\x8b"
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("reason", pa.string())])
+REJECTS_SCHEMA = rejects_schema()
 SAMPLES_PNG = "ingest_samples.png"
 REPORT = "ingest_report.json"
 
@@ -141,7 +141,7 @@ def labels_path_for(images_path: Path, configured: str | None, key: str, base_di
 
 
 def _one_file(spec: str, key: str, base_dir: Path | None) -> Path:
-    paths = text_ingest.resolve_paths(spec, base_dir)
+    paths = resolve_paths(spec, base_dir)
     if len(paths) != 1:
         raise DataError(f"data.{key} {spec!r}: matches {len(paths)} files, an image recipe needs exactly one")
     return paths[0]
@@ -184,7 +184,7 @@ def read_split(split: str, images_path: Path, labels_path: Path, max_rows: int |
                     n_file, n < n_file)
 
 
-def run(recipe: Recipe, store: ArtifactStore, force: bool = False, base_dir: Path | None = None) -> StageRef:
+def run(recipe: ImageRecipe, store: ArtifactStore, force: bool = False, base_dir: Path | None = None) -> StageRef:
     """Ingest the recipe's IDX files into the store (cached by fingerprint).
 
     ``rows``: ``input, accepted, rejected, train, test``; ``extra``: ``metrics``, ``log_files``,
@@ -204,11 +204,9 @@ def run(recipe: Recipe, store: ArtifactStore, force: bool = False, base_dir: Pat
         key = "train_path" if split == "train" else "test_path"
         images_path = _one_file(spec, key, base_dir)
         sources[split] = (images_path, labels_path_for(images_path, labels_spec, labels_key, base_dir))
-    config = text_ingest.ingest_config(cfg)
-    code = source_hash(sys.modules[__name__], images, text_ingest)
     inputs = [file_fingerprint(list(paths)) for paths in sources.values()]
-    fp = fingerprint(STAGE, config, inputs, code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+    key = stage_key(STAGE, ingest_config(cfg), inputs, __name__)
+    if (hit := store.cached(key, force)) is not None:
         return hit
 
     results = {split: read_split(split, *paths, max_rows=cfg.max_rows) for split, paths in sources.items()}
@@ -238,12 +236,11 @@ def run(recipe: Recipe, store: ArtifactStore, force: bool = False, base_dir: Pat
         "has_test": test is not None,
         "rejects_by_reason": {},
         "labels_seen": labels_seen,
-        "task": recipe.task,
     }
     report = {"rows": rows, "files": files, "labels_seen": labels_seen,
               "label_counts": {split: dict(sorted(Counter(r.table.column("label").to_pylist()).items()))
                                for split, r in results.items()}}
-    with store.writer(STAGE, fp) as w:
+    with store.writer(key) as w:
         w.write_table("train.parquet", train.table)
         if test is not None:
             w.write_table("test.parquet", test.table)
@@ -254,5 +251,5 @@ def run(recipe: Recipe, store: ArtifactStore, force: bool = False, base_dir: Pat
                         [f"{images.short_id(i)}: {lab}" for i, lab in zip(sample.column("id").to_pylist(),
                                                                        sample.column("label").to_pylist())],
                         w.path / SAMPLES_PNG, "first train images (id: label)")
-        ref = w.write_manifest(config=config, inputs=inputs, code=code, rows=rows, extra=extra)
+        ref = w.write_manifest(rows=rows, extra=extra)
     return ref

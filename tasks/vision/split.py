@@ -7,7 +7,7 @@ becomes the test split too. The official test file, when there is one, is kept w
 Identical images form one group that is never divided between splits (they only exist when
 ``clean.dedupe`` is off), and a train image identical to a test image is rejected (``"leaks into
 test: same image as <test id>"``). Groups are numbered in the byte order of their pixels and drawn
-per label with :func:`tasks.split.assign_groups` (a seeded :class:`numpy.random.Generator`), so the
+per label with :func:`tasks.core.grouping.assign_groups` (a seeded :class:`numpy.random.Generator`), so the
 split depends on the set of images and the seed, not on the input order.
 
 Output: ``train.parquet``, ``validation.parquet``, ``test.parquet``, ``rejects.parquet``, ``split_stats.json``.
@@ -15,20 +15,20 @@ Output: ``train.parquet``, ``validation.parquet``, ``test.parquet``, ``rejects.p
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pyarrow as pa
 
-from tasks import split as text_split
-from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, source_hash
-from tasks.config import Recipe, SplitConfig
-from tasks.split import TEST, TRAIN, VALIDATION, SplitResult, assign_groups
+from tasks.core import grouping
+from tasks.core.config import SplitConfig
+from tasks.core.grouping import TEST, TRAIN, VALIDATION, SplitResult, assign_groups
+from tasks.core.rejects import rejects_schema
+from tasks.core.store import ArtifactStore, DataError, StageRef, read_splits, stage_key
 from tasks.vision import images
+from tasks.vision.config import ImageRecipe
 
 STAGE = "split"
 SPLITS = ("train", "validation", "test")
-REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("label", pa.string())])
+REJECTS_SCHEMA = rejects_schema(("label", pa.string()))
 
 
 def group_labels(keys: np.ndarray, label_codes: np.ndarray, n_groups: int) -> np.ndarray:
@@ -51,6 +51,7 @@ def split_tables(train: pa.Table, test: pa.Table | None, cfg: SplitConfig) -> Sp
             bad = train.filter(pa.array(leaked))
             rejects = pa.table({
                 "id": bad.column("id"),
+                "split": pa.array(["train"] * bad.num_rows, pa.string()),
                 "reason": pa.array([f"leaks into test: same image as {test_ids[j]}" for j in match[leaked]], pa.string()),
                 "label": bad.column("label"),
             }, schema=REJECTS_SCHEMA)
@@ -80,16 +81,15 @@ def split_tables(train: pa.Table, test: pa.Table | None, cfg: SplitConfig) -> Sp
                        groups=n_groups)
 
 
-def run(recipe: Recipe, cleaned: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+def run(recipe: ImageRecipe, cleaned: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
     """Split the cleaned images into train / validation / test (cached by fingerprint)."""
     config = recipe.split.model_dump(mode="json")
-    code = source_hash(sys.modules[__name__], images, text_split)
-    fp = fingerprint(STAGE, config, [cleaned.fingerprint], code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+    key = stage_key(STAGE, config, [cleaned.fingerprint], __name__)
+    if (hit := store.cached(key, force)) is not None:
         return hit
 
     splits = read_splits(cleaned)
     train_in, test_in = splits["train"], splits.get("test")
     result = split_tables(train_in, test_in, recipe.split)
-    return text_split.store_result(result, train_in, test_in, cleaned, store, fp=fp, config=config, code=code,
+    return grouping.store_result(result, train_in, test_in, key, store,
                                    extra={"image_shape": cleaned.extra["image_shape"]})

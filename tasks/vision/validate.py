@@ -16,7 +16,7 @@ Statistics per split (over the rows that pass): label balance (counts, fractions
 rarest class), pixel range and intensity (mean, std, ink = non-zero pixels per image, faint images
 whose brightest pixel is below 128), blank images (one grey level), exact duplicates (same pixels and
 label as an earlier row), conflicts (same pixels, more than one label), and leakage (test images
-identical to a train image). Checks against :class:`~tasks.config.ValidateConfig`: reject fraction,
+identical to a train image). Checks against :class:`~tasks.core.config.ValidateConfig`: reject fraction,
 blank fraction (``max_empty_fraction``), conflict fraction, leakage fraction, rarest-class fraction,
 plus: train and test images have the same shape, train has rows and at least two labels. A value
 above its threshold fails, a nonzero one at or below it warns; on failure the report goes to
@@ -25,7 +25,6 @@ above its threshold fails, a nonzero one at or below it warns; on failure the re
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -34,15 +33,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks import validate as text_validate
-from tasks.artifacts import ArtifactStore, DataError, StageRef, fingerprint, read_splits, source_hash
-from tasks.config import Recipe, ValidateConfig
-from tasks.ingest import reason_kind
-from tasks.validate import FAIL, OK, WARN, Check, ValidationResult, conflict_mask, duplicate_mask, label_balance
+from tasks.core import checks as core_checks
+from tasks.core.checks import (
+    FAIL,
+    OK,
+    WARN,
+    Check,
+    ValidationResult,
+    conflict_mask,
+    duplicate_mask,
+    label_balance,
+)
+from tasks.core.config import ValidateConfig
+from tasks.core.rejects import reason_kind, rejects_schema
+from tasks.core.store import ArtifactStore, DataError, StageRef, read_splits, stage_key
 from tasks.vision import images
+from tasks.vision.config import ImageRecipe
 
 STAGE = "validate"
-REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("label", pa.string())])
+REJECTS_SCHEMA = rejects_schema(("label", pa.string()))
 FAINT_BELOW = 128
 EXAMPLES = 10
 
@@ -153,7 +162,7 @@ def split_stats(table: pa.Table, expected: list[str] | None) -> dict[str, Any]:
     pixels = images.to_numpy(table.column("pixels"))
     n = len(pixels)
     keys, _ = images.image_keys(pixels)
-    label_codes, _ = text_validate.codes(table.column("label")) if n else (np.zeros(0, np.int64), [])
+    label_codes, _ = core_checks.codes(table.column("label")) if n else (np.zeros(0, np.int64), [])
     duplicate, _ = duplicate_mask(keys, label_codes)
     conflict = conflict_mask(keys, label_codes)
     blank = blank_mask(pixels)
@@ -245,7 +254,7 @@ def validate_tables(
 
     checks.insert(0, Check("schema", OK, message="id, label: strings; pixels: lists of integers; no null ids"))
     reject_fraction = (ingest_rejected + rejects.num_rows) / ingest_input if ingest_input else 0.0
-    checks.append(text_validate.max_check("reject_fraction", reject_fraction, cfg.max_reject_fraction, None,
+    checks.append(core_checks.max_check("reject_fraction", reject_fraction, cfg.max_reject_fraction, None,
                              "rejected rows (ingest + validate) / input"))
     pixel_problems = sum(v for k, v in by_reason.items() if "pixel" in k)
     checks.append(Check("pixels", WARN if pixel_problems else OK, float(pixel_problems), None, None, None,
@@ -255,9 +264,9 @@ def validate_tables(
     checks.append(Check("labels", WARN if unknown else OK, float(unknown), None, None, None,
                         f"{unknown} row(s) with a missing or unknown label rejected" if unknown else "all labels known"))
     for split, s in stats.items():
-        checks.append(text_validate.max_check("empty_fraction", s["blank"]["fraction"], cfg.max_empty_fraction, split,
+        checks.append(core_checks.max_check("empty_fraction", s["blank"]["fraction"], cfg.max_empty_fraction, split,
                                  "blank images (one grey level) / rows; clean drops them"))
-        checks.append(text_validate.max_check("conflict_fraction", s["conflicts"]["fraction"], cfg.max_conflict_fraction, split,
+        checks.append(core_checks.max_check("conflict_fraction", s["conflicts"]["fraction"], cfg.max_conflict_fraction, split,
                                  "rows whose identical image carries another label / rows"))
         dup = s["duplicates"]["exact_rows"]
         checks.append(Check("duplicates", WARN if dup else OK, float(dup), None, None, split,
@@ -266,10 +275,10 @@ def validate_tables(
     leak = None
     if test_ok is not None and n_test_pixels == n_pixels:
         leak = leakage_stats(train_ok, test_ok)
-        checks.append(text_validate.max_check("leakage_fraction", leak["fraction"], cfg.max_leakage_fraction, "test",
+        checks.append(core_checks.max_check("leakage_fraction", leak["fraction"], cfg.max_leakage_fraction, "test",
                                  "test images identical to a train image / test rows"))
     balance = stats["train"]["labels"]
-    checks += text_validate.balance_checks(train_ok.num_rows, balance, cfg)
+    checks += core_checks.balance_checks(train_ok.num_rows, balance, cfg)
     if "test" in stats:
         test_fractions = stats["test"]["labels"]["fractions"]
         shift = max((abs(f - test_fractions.get(k, 0.0)) for k, f in balance["fractions"].items()), default=0.0)
@@ -278,7 +287,7 @@ def validate_tables(
 
     rows = {"input": n_in, "train": train_ok.num_rows, "test": test_ok.num_rows if test_ok is not None else 0,
             "rejected": rejects.num_rows}
-    status = text_validate.overall_status(checks)
+    status = core_checks.overall_status(checks)
     report = {
         "stage": STAGE,
         "status": status,
@@ -298,13 +307,13 @@ def validate_tables(
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as readable markdown tables."""
-    fmt, esc = text_validate.fmt, text_validate.md_escape
+    fmt, esc = core_checks.fmt, core_checks.md_escape
     rows = report["rows"]
     h, w = report["image_shape"]
     summary = (f"Rows: ingest input {rows['ingest_input']}, validate input {rows['input']}, passed train "
                f"{rows['train']} / test {rows['test']}, rejected {rows['rejected']}.")
     out = [f"# Validation report (images {h}x{w}): {report['status'].upper()}", "", summary, "",
-           *text_validate.checks_markdown(report)]
+           *core_checks.checks_markdown(report)]
     for split, s in report["splits"].items():
         p = s["pixels"]
         out += ["", f"## {split} ({s['rows']} images)", "", "| label | rows | fraction |", "|---|---|---|"]
@@ -330,7 +339,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _metrics(result: ValidationResult) -> dict[str, float]:
     report = result.report
-    metrics = text_validate.report_metrics(report)
+    metrics = core_checks.report_metrics(report)
     for split, s in report["splits"].items():
         metrics[f"{split}.blank_rows"] = s["blank"]["rows"]
         metrics[f"{split}.duplicate_rows"] = s["duplicates"]["exact_rows"]
@@ -341,7 +350,7 @@ def _metrics(result: ValidationResult) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
+def run(recipe: ImageRecipe, ingested: StageRef, store: ArtifactStore, force: bool = False) -> StageRef:
     """Validate the ingested images (cached by fingerprint); DataError when a check fails.
 
     ``rows``: ``input, train, test, rejected``; ``extra``: ``metrics``, ``log_files``, ``status``,
@@ -349,9 +358,8 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     """
     start = time.perf_counter()
     config = {"validate": recipe.validate_.model_dump(mode="json"), "labels": recipe.data.labels}
-    code = source_hash(sys.modules[__name__], images, text_validate)
-    fp = fingerprint(STAGE, config, [ingested.fingerprint], code)
-    if not force and (hit := store.lookup(STAGE, fp)) is not None:
+    key = stage_key(STAGE, config, [ingested.fingerprint], __name__)
+    if (hit := store.cached(key, force)) is not None:
         return hit
 
     image_shape = ingested.extra["image_shape"]
@@ -359,6 +367,6 @@ def run(recipe: Recipe, ingested: StageRef, store: ArtifactStore, force: bool = 
     train, test = splits["train"], splits.get("test")
     test_shape = ingested.extra.get("image_shapes", {}).get("test")
     result = validate_tables(train, test, recipe.validate_, recipe.data.labels, image_shape, ingested.rows, test_shape)
-    return text_validate.store_result(result, recipe, ingested, store, fp=fp, config=config, code=code,
+    return core_checks.store_result(result, key, store, allowed_labels=recipe.data.labels,
                                       metrics=_metrics(result), started=start, render=render_markdown,
                                       extra={"image_shape": list(image_shape)})

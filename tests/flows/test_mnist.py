@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tasks.config import load_recipe
+from tasks.registry import load_recipe
 from tasks.vision import images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def test_summary_fields_and_rows(runs) -> None:
                                                                               "rejected": 0, "test": 3000}
     assert rows["train"] + rows["validation"] == 3000 and 290 <= rows["validation"] <= 310  # 10 % per class
     assert s["model"]["uri"] == f"models:/{NAME}/{s['model']['version']}"
-    assert set(s["cache"]) == {"ingest", "validate", "clean", "split", "tokenize", "augment", "train", "evaluate",
+    assert set(s["cache"]) == {"ingest", "validate", "clean", "split", "encode", "augment", "train", "evaluate",
                                "register"}
     json.dumps(s)
 
@@ -84,8 +84,8 @@ def test_mlflow_layout_and_artifacts(runs) -> None:
     assert parent.data.params["task"] == "image-classification" and parent.data.params["model.kind"] == "variant"
     prep = s["mlflow"]["stage_runs"]["prep"]
     assert "validate/validation_report.md" in {f.path for f in client.list_artifacts(prep, "validate")}
-    assert "normalize/normalization.json" in {f.path for f in client.list_artifacts(prep, "normalize")}
-    assert client.get_run(prep).data.metrics["normalize.mean"] == pytest.approx(0.1307, abs=0.003)
+    assert "encode/normalization.json" in {f.path for f in client.list_artifacts(prep, "encode")}
+    assert client.get_run(prep).data.metrics["encode.mean"] == pytest.approx(0.1307, abs=0.003)
     evaluate = {f.path for f in client.list_artifacts(s["mlflow"]["stage_runs"]["evaluate"], "evaluate")}
     assert {"evaluate/confusion_matrix.png", "evaluate/misclassified.png", "evaluate/report.json"} <= evaluate
     train_run = s["mlflow"]["stage_runs"]["train"]
@@ -99,10 +99,10 @@ def test_pyfunc_round_trip_equals_evaluate(runs) -> None:
     mlflow.set_tracking_uri(s["mlflow"]["tracking_uri"])
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     home = runs["home"]
-    test = pq.read_table(next((Path(home) / "artifacts" / "normalize").glob("*/test.parquet"))).slice(0, 25)
+    test = pq.read_table(next((Path(home) / "artifacts" / "encode").glob("*/test.parquet"))).slice(0, 25)
     pixels = images.to_numpy(test.column("pixels"))
     out = model.predict(pd.DataFrame({"pixels": [row.tolist() for row in pixels]}))
-    assert list(out.columns) == ["label", "score", "probabilities"]
+    assert list(out.columns) == ["label", "label_name", "score", "probabilities"]
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
     evaluated = next((Path(home) / "artifacts" / "evaluate").glob("*/predictions.json"))
     predictions = json.loads(evaluated.read_text())
@@ -113,7 +113,7 @@ def test_pyfunc_round_trip_equals_evaluate(runs) -> None:
 def test_cli_predicts_png_and_pgm(runs, tmp_path: Path, capsys, monkeypatch) -> None:
     from flows.cli import main
 
-    test = pq.read_table(next((Path(runs["home"]) / "artifacts" / "normalize").glob("*/test.parquet"))).slice(0, 2)
+    test = pq.read_table(next((Path(runs["home"]) / "artifacts" / "encode").glob("*/test.parquet"))).slice(0, 2)
     pixels = images.to_numpy(test.column("pixels")).reshape(-1, 28, 28)
     paths = [tmp_path / "a.png", tmp_path / "b.pgm"]
     for path, digit in zip(paths, pixels):
@@ -132,7 +132,7 @@ def test_cli_predicts_png_and_pgm(runs, tmp_path: Path, capsys, monkeypatch) -> 
 
 def test_second_run_hits_cache_and_adds_no_version(runs) -> None:
     first, second = runs["first"], runs["second"]
-    prep_and_train = ("ingest", "validate", "clean", "split", "tokenize", "augment", "train")
+    prep_and_train = ("ingest", "validate", "clean", "split", "encode", "augment", "train")
     assert {k: second["cache"][k] for k in prep_and_train} == dict.fromkeys(prep_and_train, "hit")
     assert second["cache"]["register"] == "hit" and second["model"]["version"] == first["model"]["version"]
     assert second["decision"]["promoted"] is False and "already the champion" in second["decision"]["reason"]

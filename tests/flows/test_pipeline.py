@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config import load_recipe
+from tasks.registry import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -100,10 +100,10 @@ def test_pyfunc_round_trip(runs) -> None:
     s = runs["first"]
     mlflow.set_tracking_uri(s["mlflow"]["tracking_uri"])
     model = mlflow.pyfunc.load_model("models:/tiny-sst2@champion")
-    stage = Path(runs["home"]) / "artifacts" / "tokenize"
+    stage = Path(runs["home"]) / "artifacts" / "encode"
     test = pq.read_table(next(stage.glob("*/test.parquet"))).to_pandas()
     out = model.predict(pd.DataFrame({"text": test["text"].tolist()}))
-    assert list(out.columns) == ["label", "score", "probabilities"]
+    assert list(out.columns) == ["label", "label_name", "score", "probabilities"]
     assert set(out["label"]) <= {"0", "1"}
     assert all(abs(sum(p) - 1) < 1e-4 for p in out["probabilities"])
     accuracy = float((out["label"].to_numpy() == test["label"].to_numpy()).mean())
@@ -112,7 +112,7 @@ def test_pyfunc_round_trip(runs) -> None:
 
 def test_second_run_hits_cache_and_adds_no_version(runs) -> None:
     first, second = runs["first"], runs["second"]
-    prep_and_train = ("ingest", "validate", "clean", "split", "tokenize", "augment", "train")
+    prep_and_train = ("ingest", "validate", "clean", "split", "encode", "augment", "train")
     assert {k: second["cache"][k] for k in prep_and_train} == dict.fromkeys(prep_and_train, "hit")
     assert second["cache"]["register"] == "hit"
     # evaluate re-runs: the champion is now v1 (it was none), and the gate re-scores the champion

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactStore, fingerprint
+from tasks.core.store import ArtifactStore, StageKey, fingerprint
 
 
 def write(store: ArtifactStore, fp: str, payload: str) -> None:
-    with store.writer("stage", fp) as w:
+    with store.writer(StageKey("stage", fp, {}, [], 'test')) as w:
         (w.path / "data.txt").write_text(payload)
-        w.write_manifest(config={}, inputs=[], code="c", rows={"n": len(payload)})
+        w.write_manifest(rows={"n": len(payload)})
 
 
 def test_existing_output_is_replaced_whole(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_failed_write_leaves_previous_output_and_no_temp(tmp_path: Path) -> None
     fp = fingerprint("stage", {}, [], "c")
     write(store, fp, "kept")
     with pytest.raises(RuntimeError):
-        with store.writer("stage", fp) as w:
+        with store.writer(StageKey("stage", fp, {}, [], 'test')) as w:
             (w.path / "data.txt").write_text("half")
             raise RuntimeError("stage crashed")
     assert (store.path("stage", fp) / "data.txt").read_text() == "kept"

@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from tasks import augment, tokenize
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import AugmentConfig, Recipe, recipe_from_dict
+from tasks.core.store import ArtifactStore, StageKey, StageRef
+from tasks.registry import Recipe, recipe_from_dict
+from tasks.text import augment
+from tasks.text import encode as tokenize
+from tasks.text.config import AugmentConfig
 
 WORDS = "the a movie film plot actor scene story music was is very quite good bad dull great boring fun".split()
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("label", pa.string())])
@@ -44,10 +46,10 @@ def recipe(**aug) -> Recipe:
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> tuple[ArtifactStore, StageRef]:
     store = ArtifactStore(tmp_path_factory.mktemp("aug") / "artifacts")
-    with store.writer("split", "split-fp") as w:
+    with store.writer(StageKey("split", "split-fp", {}, [], 'test')) as w:
         for name, seed in (("train", 1), ("validation", 2), ("test", 3)):
             w.write_table(f"{name}.parquet", pa.Table.from_pylist(rows(60, name, seed), schema=SCHEMA))
-        source = w.write_manifest(config={}, inputs=[], code="test", rows={})
+        source = w.write_manifest(rows={})
     return store, tokenize.run(recipe(), source, store)
 
 

@@ -1,5 +1,5 @@
 """Benchmarks: bench/prep.py end to end on a 2,000-row slice (the JSON shape), and its baseline's
-pure-Python cleaning against tasks.clean.clean_texts on hand-made hard cases."""
+pure-Python cleaning against tasks.text.clean.clean_texts on hand-made hard cases."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from types import ModuleType
 import pyarrow as pa
 import pytest
 
-from tasks import clean
-from tasks.config import CleanConfig
+from tasks.text import clean
+from tasks.text.config import CleanConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ def test_prep_benchmark_json_shape(bench: ModuleType, tmp_path: Path) -> None:
         assert seconds["median"] > 0 and len(seconds["samples"]) == 1
     assert set(data["measurements"]) >= {"ours_clean_tokenize", "hf_datasets_map", "ours_tokenize",
                                          "raw_encode_batch", "whole_prep"}
-    assert set(data["whole_prep_stages_median_s"]) == {"ingest", "validate", "clean", "split", "tokenize", "augment"}
+    assert set(data["whole_prep_stages_median_s"]) == {"ingest", "validate", "clean", "split", "encode", "augment"}
     assert data["data"]["rows"] == 2000 and data["data"]["outputs_identical"] is True
     assert data["whole_prep_rows"]["ingest"]["train"] == 2000
     machine = data["machine"]

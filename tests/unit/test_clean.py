@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import clean
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import CleanConfig, Recipe, recipe_from_dict
+from tasks.core.store import ArtifactStore, StageKey, StageRef
+from tasks.registry import Recipe, recipe_from_dict
+from tasks.text import clean
+from tasks.text.config import CleanConfig
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("label", pa.string())])
 
@@ -35,11 +36,11 @@ def store(tmp_path: Path) -> ArtifactStore:
 
 def validated(store: ArtifactStore, train: list, test: list | None = None, fp: str = "validate-fp") -> StageRef:
     """A fake validate output."""
-    with store.writer("validate", fp) as w:
+    with store.writer(StageKey("validate", fp, {}, [], 'test')) as w:
         w.write_table("train.parquet", table(train))
         if test is not None:
             w.write_table("test.parquet", table(test))
-        return w.write_manifest(config={}, inputs=[], code="test", rows={"train": len(train)}, extra={"labels": ["neg", "pos"]})
+        return w.write_manifest(rows={"train": len(train)}, extra={"labels": ["neg", "pos"]})
 
 
 def test_nfkc_html_controls_and_whitespace() -> None:

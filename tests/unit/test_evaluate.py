@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import EvaluateConfig
-from tasks.evaluate import classification_report, confusion_png, gate
+from tasks.core.config import EvaluateConfig
+from tasks.core.gate import classification_report, confusion_png, gate
 
 
 def test_report_matches_hand_counts() -> None:

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import ingest
-from tasks.artifacts import ArtifactStore, DataError, StageRef
-from tasks.config import Recipe, load_recipe, recipe_from_dict
+from tasks.core.store import ArtifactStore, DataError, StageRef
+from tasks.registry import Recipe, load_recipe, recipe_from_dict
+from tasks.text import ingest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -238,7 +238,8 @@ def test_file_level_errors(tmp_path: Path, store: ArtifactStore) -> None:
 
     conll = tmp_path / "ner.conll"
     conll.write_text("EU\tB-ORG\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"ner\.conll: format 'conll' is not a text-classification source"):
+    # a text recipe refuses format: conll outright (tests/unit/test_config.py); by extension it is not inferred
+    with pytest.raises(DataError, match=r"ner\.conll' from its extension: set data\.format"):
         ingest.run(recipe(train_path=str(conll)), store)
 
     not_parquet = tmp_path / "broken.parquet"
@@ -280,3 +281,245 @@ def test_real_trec_train_file(store: ArtifactStore) -> None:
     assert table.slice(0, 1).to_pylist()[0] == {
         "id": "train_5500.label:1", "text": "How did serfdom develop in and then leave Russia ?", "label": "DESC",
     }
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: JSON that is not JSON lines, non-string texts, numeric labels, CR-only files
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo[DataError], limit: int = 600) -> str:
+    """The DataError's message, checked to be one bounded line."""
+    message = str(excinfo.value)
+    assert "\n" not in message and "\r" not in message and len(message) <= limit, message
+    return message
+
+
+@pytest.mark.parametrize("layout", ["indented", "one line", "one object per line"])
+def test_json_array_is_a_file_error_naming_the_format(tmp_path: Path, store: ArtifactStore, layout: str) -> None:
+    records = [{"text": f"text {i}", "label": i % 2} for i in range(30)]
+    content = {
+        "indented": json.dumps(records, indent=2),
+        "one line": json.dumps(records),
+        "one object per line": "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n",
+    }[layout]
+    path = tmp_path / "x.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(path)), store)
+    message = one_line_error(err)
+    assert message.startswith(f"{path}: a JSON array, not JSON lines (one object per line): convert it")
+
+
+def test_json_that_is_not_json_lines(tmp_path: Path, store: ArtifactStore) -> None:
+    pretty = tmp_path / "one.json"
+    pretty.write_text(json.dumps({"text": "a", "label": "x"}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"one\.json: one JSON object over 4 lines, not JSON lines"):
+        ingest.run(recipe(train_path=str(pretty)), store)
+
+    scalars = tmp_path / "scalars.jsonl"
+    scalars.write_text("1\n\"a string\"\nnull\n[1, 2]\ntrue\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(scalars)), store)
+    assert "scalars.jsonl: not JSON lines (one object per line): no line is a JSON object (line 1: 1)" in one_line_error(err)
+
+    broken = tmp_path / "broken.json"  # an array cut short: not one JSON document, no object line
+    broken.write_text("[\n" + ",\n".join(json.dumps({"text": "t", "label": 1}) for _ in range(5)) + ",\n",
+                      encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(broken)), store)
+    assert "no line is a JSON object" in one_line_error(err) and "starts with '['" in str(err.value)
+
+    # a single object on one line is a JSON lines file of one row
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({"text": "a", "label": "x"}), encoding="utf-8")
+    assert rows(ingest.run(recipe(train_path=str(single)), store)) == [{"id": "single.jsonl:1", "text": "a", "label": "x"}]
+
+
+def test_jsonl_values_that_are_not_objects_or_strings_are_rejected_rows(tmp_path: Path, store: ArtifactStore) -> None:
+    path = tmp_path / "mixed.jsonl"
+    lines = [
+        json.dumps({"text": "fine", "label": "a"}),
+        "42",
+        "[" * 100_000,  # too deep for the json module: a RecursionError, not a crash
+        json.dumps({"text": 7, "label": "a"}),
+        json.dumps({"text": True, "label": "b"}),
+        json.dumps({"text": ["a", "b"], "label": "b"}),
+        json.dumps({"text": "also fine", "label": "b"}),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ref = ingest.run(recipe(train_path=str(path)), store)
+    assert [r["text"] for r in rows(ref)] == ["fine", "also fine"]
+    reasons = {r["id"]: r["reason"] for r in rejects(ref)}
+    assert reasons == {
+        "mixed.jsonl:2": "bad JSON: expected an object, got number",
+        "mixed.jsonl:3": "bad JSON: nested too deeply",
+        "mixed.jsonl:4": "text is a JSON number, expected a string",
+        "mixed.jsonl:5": "text is a JSON boolean, expected a string",
+        "mixed.jsonl:6": "text is a JSON array, expected a string",
+    }
+    accounted(ref)
+
+
+def test_all_rows_rejected_reaches_validate_as_a_data_error(tmp_path: Path, store: ArtifactStore) -> None:
+    from tasks.text import validate
+
+    path = tmp_path / "nulls.jsonl"
+    path.write_text("".join(json.dumps({"text": None, "label": "a"}) + "\n" for _ in range(3)), encoding="utf-8")
+    r = recipe(train_path=str(path))
+    ref = ingest.run(r, store)
+    assert ref.rows["accepted"] == 0
+    # an empty train table used to end in pyarrow's ArrowNotImplementedError (count_distinct on null)
+    with pytest.raises(DataError, match="validate failed: .*train_rows"):
+        validate.run(r, ref, store)
+
+
+def test_non_string_text_column_is_refused(tmp_path: Path, store: ArtifactStore) -> None:
+    for name, values in (("ints", [1, 2, 3]), ("floats", [1.5, 2.0, 3.0]), ("bools", [True, False, True])):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"text": values, "label": [0, 1, 0]}), path)
+        with pytest.raises(DataError) as err:
+            ingest.run(recipe(train_path=str(path)), store)
+        message = one_line_error(err)
+        assert message.startswith(f"{path}: text column 'text' has type ")
+        assert f"type {pa.array(values).type}, expected a string type" in message
+
+    # string texts, plain or dictionary-encoded, with numeric labels, are fine
+    ok = tmp_path / "ok.parquet"
+    texts = pa.array(["a", "b", "a"]).dictionary_encode()
+    pq.write_table(pa.table({"text": texts, "label": [0, 1, 0]}), ok)
+    assert [r["text"] for r in rows(ingest.run(recipe(train_path=str(ok)), store))] == ["a", "b", "a"]
+
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": i, "label": i % 2}) + "\n" for i in range(5)), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(numbers)), store)
+    assert "numbers.jsonl: key 'text' holds no strings (5 number value(s))" in one_line_error(err)
+
+
+def test_canonical_number() -> None:
+    assert [ingest.canonical_number(x) for x in ("0.0", "1.00", "-0.0", "+2", "007", "2e3", "1.", ".0", "3")] == [
+        "0", "1", "0", "2", "7", "2000", "1", "0", "3"]
+    assert [ingest.canonical_number(x) for x in ("1.5", "-0.25", "1e-3", "1e400", "pos", "1,0", "")] == [
+        "1.5", "-0.25", "1e-3", "1e400", "pos", "1,0", ""]
+    assert ingest.is_numeric_label("-1.5e3") and not ingest.is_numeric_label("1.2.3")
+    assert not ingest.is_numeric_label("nan") and not ingest.is_numeric_label(" 1")
+
+
+def test_label_rewrites_only_when_every_label_is_numeric() -> None:
+    assert ingest.label_rewrites(["0", "0.0", "1.00", "1.5", "1"]) == {"0.0": "0", "1.00": "1"}
+    assert ingest.label_rewrites(["0", "0.0", "pos"]) == {}  # names, not numbers: left alone
+    assert ingest.label_rewrites(["0", "1"]) == {}
+    assert ingest.label_rewrites([]) == {}
+    assert ingest.canonical_label_list(["1.0", "0.0", "1"]) == ["1", "0"]
+    assert ingest.canonical_label_list(["1.0", "pos"]) == ["1.0", "pos"]
+    assert ingest.canonical_label_list(None) is None
+    table = pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "label": ["0.0", "1", "1.00"]})
+    out, changed = ingest.rewrite_labels(table, {"0.0": "0", "1.00": "1"})
+    assert out.column("label").to_pylist() == ["0", "1", "1"] and changed == 2
+    assert out.schema == table.schema and ingest.rewrite_labels(table, {}) == (table, 0)
+
+
+def test_numeric_labels_are_one_class_across_train_and_test(tmp_path: Path, store: ArtifactStore) -> None:
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\na,0\nb,0.0\nc,1.00\nd,1\ne,1.5\n", encoding="utf-8")
+    test = tmp_path / "test.jsonl"  # JSON numbers: 0.0 reads as "0.0", 1 as "1"
+    test.write_text(json.dumps({"text": "f", "label": 0.0}) + "\n" + json.dumps({"text": "g", "label": 1}) + "\n",
+                    encoding="utf-8")
+    ref = ingest.run(recipe(train_path=str(train), test_path=str(test)), store)
+    assert [r["label"] for r in rows(ref)] == ["0", "0", "1", "1", "1.5"]
+    assert [r["label"] for r in rows(ref, "test")] == ["0", "1"]
+    assert ref.extra["labels_seen"] == ["0", "1", "1.5"]
+    assert ref.extra["metrics"]["labels_canonicalised"] == 3
+    assert ref.extra["metrics"]["train.labels_canonicalised"] == 2
+    assert ref.extra["metrics"]["test.labels_canonicalised"] == 1
+    assert ref.extra["labels_canonicalised"] == {"rows": 3, "rewrites": {"0.0": "0", "1.00": "1"}}
+
+    # one non-numeric label anywhere (here in test) and every label is kept as written
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("text,label\nf,0.0\ng,other\n", encoding="utf-8")
+    kept = ingest.run(recipe(train_path=str(train), test_path=str(mixed)), store)
+    assert [r["label"] for r in rows(kept)] == ["0", "0.0", "1.00", "1", "1.5"]
+    assert kept.extra["metrics"]["labels_canonicalised"] == 0
+
+
+def test_cr_only_files_are_read_line_by_line(tmp_path: Path, store: ArtifactStore) -> None:
+    tsv = tmp_path / "mac.tsv"
+    tsv.write_bytes(b"text\tlabel\r" + b"".join(b"some text %d\t%d\r" % (i, i % 2) for i in range(2000)))
+    ref = ingest.run(recipe(train_path=str(tsv)), store)
+    got = rows(ref)
+    assert len(got) == 2000 and got[0] == {"id": "mac.tsv:2", "text": "some text 0", "label": "0"}
+
+    csv_path = tmp_path / "mac.csv"  # a quoted field may still hold a line break
+    csv_path.write_bytes(b'text,label\r"two\rlines",a\rplain,b\r')
+    assert [(r["id"], r["text"]) for r in rows(ingest.run(recipe(train_path=str(csv_path)), store))] == [
+        ("mac.csv:2", "two\rlines"), ("mac.csv:4", "plain")]
+
+    jsonl = tmp_path / "mac.jsonl"  # and a final LF after CR lines does not turn it into one line
+    jsonl.write_bytes(b"".join(json.dumps({"text": f"t{i}", "label": "x"}).encode() + b"\r" for i in range(3)) + b"\n")
+    assert [r["id"] for r in rows(ingest.run(recipe(train_path=str(jsonl)), store))] == [
+        "mac.jsonl:1", "mac.jsonl:2", "mac.jsonl:3"]
+
+    # in an ordinary LF (or CRLF) file a stray CR inside a line stays text, as before
+    lf = tmp_path / "lf.tsv"
+    lf.write_bytes(b"text\tlabel\r\nold\rmac text\tx\r\nnext\ty\r\n")
+    assert [r["text"] for r in rows(ingest.run(recipe(train_path=str(lf)), store))] == ["old\rmac text", "next"]
+
+
+def test_physical_lines() -> None:
+    assert ingest.physical_lines("a\nb\r\nc") == ["a\n", "b\r\n", "c\n"]
+    assert ingest.physical_lines("a\rb\r\rc") == ["a\r", "b\r", "\r", "c\n"]
+    assert ingest.physical_lines("a\rb\rc\n") == ["a\r", "b\r", "c\n"]
+    assert ingest.physical_lines("") == []
+    assert [ingest.strip_line_break(x) for x in ("a\r\n", "a\r", "a\n", "a", "a\r\r\n")] == ["a", "a", "a", "a", "a\r"]
+
+
+def test_bounded() -> None:
+    from tasks.core.store import bounded
+
+    assert bounded("short") == "short"
+    long = "x" * 1000
+    cut = bounded(long, limit=100)
+    assert len(cut) <= 100 and cut.endswith(" more characters)") and cut.startswith("xxx")
+    kept = len(cut) - len(cut[cut.index("…"):])
+    assert cut == "x" * kept + f"… ({1000 - kept} more characters)"
+    assert bounded(cut, limit=100) == cut  # bounding twice changes nothing
+    assert bounded("a\rb\nc\x00d\x1b[2J") == "a\\rb\\nc\\x00d\\x1b[2J"  # one plain line, whatever the file held
+    error = DataError("f.tsv: " + "y" * 50_000)
+    assert len(str(error)) <= 2000 and str(error).startswith("f.tsv: yyy")
+
+
+def test_error_messages_quote_file_content_bounded(tmp_path: Path, store: ArtifactStore) -> None:
+    # a csv read with the wrong delimiter: every line is one column; no line break at all
+    one_line = tmp_path / "one.tsv"
+    content = ",".join(f"column{i}" for i in range(3000))
+    one_line.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(one_line)), store)
+    message = one_line_error(err)
+    assert message.startswith(f"{one_line}: missing column 'text', 'label' (columns: column0,column1,")
+    assert "more characters)" in message and f"found 1 line of {len(content)} characters, no line breaks" in message
+
+    wide = tmp_path / "wide.tsv"
+    wide.write_text("\t".join(f"c{i}" for i in range(500)) + "\nx\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(wide)), store)
+    assert "(500 columns: c0, c1, c2" in one_line_error(err)
+
+    mixed = tmp_path / "mixed.csv"  # CRs in the header of an otherwise LF file
+    mixed.write_text("text\rlabel\na\n" * 1 + "b\nc\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(mixed)), store)
+    assert "carriage return(s) inside the line: CR line endings?" in one_line_error(err)
+
+    utf16 = tmp_path / "utf16.tsv"
+    utf16.write_bytes("text\tlabel\nhello\tx\n".encode("utf-16-le"))
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(utf16)), store)
+    assert "NUL characters: UTF-16 text? set data.encoding" in one_line_error(err)
+    assert "\x00" not in str(err.value) and "t\\x00e\\x00x\\x00t" in str(err.value)
+
+    many_keys = tmp_path / "keys.jsonl"
+    many_keys.write_text(json.dumps({f"key{i}": i for i in range(2000)}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        ingest.run(recipe(train_path=str(many_keys)), store)
+    assert "missing column 'text', 'label' (keys: key0, key1" in one_line_error(err)

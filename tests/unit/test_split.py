@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import split
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import Recipe, recipe_from_dict
-from tasks.textnorm import match_key
+from tasks.core.grouping import SPLITS
+from tasks.core.store import ArtifactStore, StageKey, StageRef
+from tasks.registry import Recipe, recipe_from_dict
+from tasks.text import split
+from tasks.text.textnorm import match_key
 
 WORDS = "good bad plot actor scene film story music slow fast funny dull bright dark long short".split()
 
@@ -37,11 +38,11 @@ def make_rows(n: int, labels: dict[str, float], seed: int = 0, prefix: str = "r"
 def stage_input(store: ArtifactStore, train: list[dict], test: list[dict] | None = None, fp: str = "clean-fp") -> StageRef:
     """A fake upstream stage directory holding train.parquet (and test.parquet)."""
     schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("label", pa.string())])
-    with store.writer("clean", fp) as w:
+    with store.writer(StageKey("clean", fp, {}, [], 'test')) as w:
         w.write_table("train.parquet", pa.Table.from_pylist(train, schema=schema))
         if test is not None:
             w.write_table("test.parquet", pa.Table.from_pylist(test, schema=schema))
-        return w.write_manifest(config={}, inputs=[], code="test", rows={"train": len(train)})
+        return w.write_manifest(rows={"train": len(train)})
 
 
 def recipe(**split_cfg) -> Recipe:
@@ -70,7 +71,7 @@ def test_stratified_fractions_without_test_file(store):
     assert counts["train"] == {"a": 490, "b": 210}
     assert ref.extra["labels"] == ["a", "b"]
     assert ref.extra["test_source"] == "split"
-    for name in split.SPLITS:
+    for name in SPLITS:
         assert Counter(read(ref, name).column("label").to_pylist()) == counts[name]
     assert set(ref.extra["metrics"]) >= {"rows_train", "rows_validation", "rows_test", "rows_rejected"}
     assert "rejects.parquet" in ref.extra["log_files"]
@@ -97,7 +98,7 @@ def test_reproducible_and_seed_dependent(tmp_path):
     for i, seed in enumerate((7, 7, 8)):
         store = ArtifactStore(tmp_path / f"s{i}")
         ref = split.run(recipe(seed=seed), stage_input(store, rows), store)
-        runs.append({name: ids(ref, name) for name in split.SPLITS})
+        runs.append({name: ids(ref, name) for name in SPLITS})
     assert runs[0] == runs[1]
     assert runs[0]["validation"] != runs[2]["validation"]
 
@@ -108,7 +109,7 @@ def test_independent_of_input_order(tmp_path):
     a_store, b_store = ArtifactStore(tmp_path / "a"), ArtifactStore(tmp_path / "b")
     a = split.run(recipe(), stage_input(a_store, rows), a_store)
     b = split.run(recipe(), stage_input(b_store, shuffled), b_store)
-    for name in split.SPLITS:
+    for name in SPLITS:
         assert sorted(ids(a, name)) == sorted(ids(b, name))
 
 
@@ -121,7 +122,7 @@ def test_disjoint_ids_and_no_shared_match_key(store):
     ref = split.run(recipe(), stage_input(store, rows + variants), store)
     keys: dict[str, set[str]] = {}
     all_ids: list[str] = []
-    for name in split.SPLITS:
+    for name in SPLITS:
         table = read(ref, name)
         all_ids += table.column("id").to_pylist()
         keys[name] = set(match_key(table.column("text")).to_pylist())
@@ -146,7 +147,7 @@ def test_leakage_into_given_test_file_is_rejected_and_accounted(store):
     ]
     ref = split.run(recipe(validation_fraction=0.2), stage_input(store, train, test_rows), store)
     rejects = read(ref, "rejects")
-    assert rejects.column_names == ["id", "reason", "text", "label"]
+    assert rejects.column_names == ["id", "split", "reason", "text", "label"]
     by_id = dict(zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist()))
     assert by_id == {
         rows[0]["id"]: "leaks into test: same normalised text as t0",
@@ -178,7 +179,7 @@ def test_tiny_class_stays_in_train_with_warning(store):
     assert "lonely" in ids(ref, "train")
     assert any("'rare'" in w for w in ref.extra["warnings"])
     assert ref.extra["labels"] == ["a", "b", "rare"]
-    assert sum(ref.rows[name] for name in split.SPLITS) == 201
+    assert sum(ref.rows[name] for name in SPLITS) == 201
 
 
 def test_cache_hit_and_force(store):

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from tasks import tokenize
-from tasks.artifacts import ArtifactStore, DataError, StageRef
-from tasks.config import Recipe, TokenizerConfig, recipe_from_dict
+from tasks.core.store import ArtifactStore, DataError, StageKey, StageRef
+from tasks.registry import Recipe, recipe_from_dict
+from tasks.text import encode as tokenize
+from tasks.text.config import TokenizerConfig
 
 WORDS = "the a movie film plot actor scene story music was is very quite good bad dull great boring fun".split()
 ONLY_IN_TEST = "xylophonequartz"
@@ -33,10 +34,10 @@ def rows(n: int, prefix: str, seed: int, extra_word: str | None = None) -> list[
 
 def split_dir(store: ArtifactStore, train: list[dict], validation: list[dict], test: list[dict], fp: str = "split-fp") -> StageRef:
     """A fake split stage directory."""
-    with store.writer("split", fp) as w:
+    with store.writer(StageKey("split", fp, {}, [], 'test')) as w:
         for name, data in (("train", train), ("validation", validation), ("test", test)):
             w.write_table(f"{name}.parquet", pa.Table.from_pylist(data, schema=SCHEMA))
-        return w.write_manifest(config={}, inputs=[], code="test", rows={})
+        return w.write_manifest(rows={})
 
 
 def recipe(labels: list[str] | None = None, **tok) -> Recipe:
@@ -207,3 +208,28 @@ def test_word_level_vocabulary_is_deterministic_when_the_size_cuts_ties():
     trained = {tokenize.train_tokenizer(texts, cfg).to_str() for _ in range(6)}
     assert len(trained) == 1
     assert Tokenizer.from_str(trained.pop()).get_vocab_size() == 100
+
+
+def test_pretrained_encoder_brings_its_own_tokenizer(tmp_path) -> None:
+    """model.arch=pretrained: the checkpoint's WordPiece (never trained, so an unseen word still splits into
+    its real pieces), its special ids, truncation at max_length, and its content hash in the fingerprint."""
+    from transformers import AutoTokenizer
+
+    from models.encoders import checkpoint_digest, resolve_pretrained
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    source = split_dir(store, rows(60, "tr", 1), rows(10, "va", 2), rows(10, "te", 3, ONLY_IN_TEST))
+    pretrained = recipe_from_dict({"name": "t", "data": {"train_path": "x.csv"}, "model": {"arch": "pretrained"},
+                                   "tokenizer": {"max_length": 16}})
+    ref = tokenize.run(pretrained, source, store)
+    folder = resolve_pretrained(pretrained.model.pretrained)
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    assert ref.extra["vocab_size"] == hf.vocab_size and ref.extra["pad_id"] == hf.pad_token_id
+    assert ref.extra["cls_id"] == hf.cls_token_id and ref.extra["arch"] == "pretrained"
+    test = read(ref, "test")
+    text = test.column("text")[0].as_py()
+    assert test.column("input_ids")[0].as_py() == hf(text, truncation=True, max_length=16)["input_ids"]
+    manifest = json.loads(ref.file("manifest.json").read_text())
+    assert manifest["config"]["tokenizer"] == {"pretrained": checkpoint_digest(folder), "max_length": 16}
+    scratch = tokenize.run(recipe(), source, store)
+    assert scratch.fingerprint != ref.fingerprint and scratch.extra["vocab_size"] < hf.vocab_size

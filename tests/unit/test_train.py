@@ -1,4 +1,4 @@
-"""Training mechanics: bucketing, dynamic padding, schedule, determinism, resume, loss falls."""
+"""Training mechanics: bucketing, dynamic padding, schedule, threads, determinism, resume, loss falls."""
 
 from __future__ import annotations
 
@@ -9,9 +9,31 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.transformer import TransformerClassifier, TransformerConfig
-from tasks.config import TrainConfig
-from tasks.train import EncodedSplit, collate, fit, length_bucketed_batches, param_groups, warmup_linear
+from models.encoders import EncoderConfig
+from models.multitask import MultiTaskModel, build_text_model, param_groups
+from tasks.core.batching import predict_loader
+from tasks.core.config import TrainConfig
+from tasks.core.fit import FitResult, fit_loader, score, torch_threads, warmup_linear
+from tasks.text.loader import (
+    EncodedSplit,
+    collate,
+    length_bucketed_batches,
+    text_loader,
+)
+
+HEAD = "label"
+
+
+def fit(model: MultiTaskModel, train: EncodedSplit, val: EncodedSplit, cfg: TrainConfig, metric: str,
+        checkpoint_dir: Path | None = None, on_step=None, on_epoch=None) -> FitResult:
+    """The core fit loop on token-id splits, validated by accuracy of the one head."""
+    val_loader = text_loader(val, 64, model.pad_id, HEAD)
+
+    def validate(m: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        return score(val.labels, predict_loader(m, val_loader, device, HEAD).argmax(1))
+
+    return fit_loader(model, text_loader(train, cfg.batch_size, model.pad_id, HEAD), validate, cfg, metric,
+                      checkpoint_dir, on_step, on_epoch, progress=False)
 
 
 def split_from(rows: list[list[int]], labels: list[int]) -> EncodedSplit:
@@ -67,16 +89,25 @@ def test_warmup_then_linear_decay() -> None:
 
 
 def test_no_weight_decay_on_biases_norms_embeddings() -> None:
-    model = TransformerClassifier(TransformerConfig(d_model=16, n_heads=2, d_ff=32), 30, 2, 8)
-    decay, no_decay = param_groups(model, 0.1)
+    model = build_text_model(EncoderConfig(d_model=16, n_heads=2, d_ff=32), {HEAD: ("sequence", 2)},
+                             vocab_size=30, max_length=8)
+    decay, no_decay = param_groups(model, 1e-3, 0.1)
     assert all(p.dim() >= 2 for p in decay["params"])
-    assert any(p is model.tok_emb.weight for p in no_decay["params"])
-    assert any(p is model.head.weight for p in decay["params"])
+    assert any(p is model.encoder.tok_emb.weight for p in no_decay["params"])
+    assert any(p is model.heads[HEAD].proj.weight for p in decay["params"])
 
 
-def small_model() -> TransformerClassifier:
+def test_threads_are_set_for_training_and_restored() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1) as used:
+        assert used == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def small_model(label_smoothing: float = 0.0) -> MultiTaskModel:
     torch.manual_seed(0)
-    return TransformerClassifier(TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.1), 30, 2, 16)
+    return build_text_model(EncoderConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, dropout=0.1),
+                            {HEAD: ("sequence", 2)}, vocab_size=30, max_length=16, label_smoothing=label_smoothing)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -128,7 +159,7 @@ def test_label_smoothing_changes_the_training_loss() -> None:
     """With smoothing the loss cannot fall towards 0: a confident model still pays for the smoothed mass."""
     def final_loss(smoothing: float) -> float:
         losses: list[float] = []
-        fit(small_model(), synthetic(400, 0), synthetic(100, 1), cfg(epochs=6, label_smoothing=smoothing), "accuracy",
+        fit(small_model(smoothing), synthetic(400, 0), synthetic(100, 1), cfg(epochs=6), "accuracy",
             on_step=lambda step, m: losses.append(m["train_loss"]))
         return float(np.mean(losses[-5:]))
 

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import validate
-from tasks.artifacts import ArtifactStore, DataError, StageRef
-from tasks.config import Recipe, recipe_from_dict
-from tasks.textnorm import match_key
+from tasks.core.store import ArtifactStore, DataError, StageKey, StageRef
+from tasks.registry import Recipe, recipe_from_dict
+from tasks.text import validate
+from tasks.text.textnorm import match_key
 
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("label", pa.string())])
 LONG = " ".join(f"w{i}" for i in range(20))  # 20 tokens + [CLS]/[SEP] > max_length 8
@@ -62,13 +62,11 @@ def store(tmp_path: Path) -> ArtifactStore:
 def ingested(store: ArtifactStore, train: list, test: list | None, rejected: int = 0, fp: str = "ingest-fp") -> StageRef:
     """A fake ingest output."""
     n = len(train) + len(test or [])
-    with store.writer("ingest", fp) as w:
+    with store.writer(StageKey("ingest", fp, {}, [], 'test')) as w:
         w.write_table("train.parquet", table(train))
         if test is not None:
             w.write_table("test.parquet", table(test))
-        return w.write_manifest(
-            config={}, inputs=[], code="test",
-            rows={"input": n + rejected, "accepted": n, "rejected": rejected, "train": len(train), "test": len(test or [])},
+        return w.write_manifest(rows={"input": n + rejected, "accepted": n, "rejected": rejected, "train": len(train), "test": len(test or [])},
         )
 
 
@@ -193,3 +191,51 @@ def test_truncation_counts_cls_and_sep() -> None:
     # 6 words + [CLS] + [SEP] = 8 fits; 7 + 2 = 9 is truncated
     assert stats["truncated_rows"] == 1 and stats["truncation_rate"] == pytest.approx(1 / 3)
     assert stats["max"] == 7 and stats["p50"] == 6
+
+
+def test_numeric_allowed_labels_compare_in_canonical_form(store: ArtifactStore) -> None:
+    rows_ = [("a", "one text", "0"), ("b", "two text", "1"), ("c", "three text", "1")]
+    result = validate.validate_tables(table(rows_), None, recipe().validate_, ["0.0", "1.0"], 64)
+    assert result.rejects.num_rows == 0 and result.train.num_rows == 3
+    assert result.report["allowed_labels"] == ["0", "1"]
+    ref = validate.run(recipe(labels=["0.0", "1.00"]), ingested(store, rows_, None), store)
+    assert ref.extra["labels"] == ["0", "1"]  # what later stages map label ids from
+    # names are not numbers: "1.0" stays "1.0" and the "1" rows are unknown
+    named = validate.validate_tables(table(rows_), None, recipe().validate_, ["1.0", "pos"], 64)
+    assert named.rejects.column("reason").to_pylist()[0] == "unknown label '0' (allowed: 1.0, pos)"
+
+
+def test_canonicalised_labels_are_a_warning_line(store: ArtifactStore) -> None:
+    rows_ = [("a", "one text", "0"), ("b", "two text", "1")]
+    with store.writer(StageKey("ingest", "canon-fp", {}, [], 'test')) as w:
+        w.write_table("train.parquet", table(rows_))
+        src = w.write_manifest(rows={"input": 2, "accepted": 2, "rejected": 0, "train": 2, "test": 0},
+            extra={"labels_canonicalised": {"rows": 1, "rewrites": {"1.0": "1"}}},
+        )
+    ref = validate.run(recipe(labels=None), src, store)
+    (warning,) = [w for w in ref.extra["warnings"] if "rewritten" in w]
+    assert warning.startswith("1 row label(s) rewritten by ingest as integers ('1.0' -> '1')")
+    report = json.loads(ref.file("validation_report.json").read_text())
+    assert report["labels_canonicalised"] == {"rows": 1, "rewrites": {"1.0": "1"}}
+    assert "| labels_canonicalised | - | warn |" in ref.file("validation_report.md").read_text()
+    plain = validate.validate_tables(table(rows_), None, recipe().validate_, None, 64)
+    assert not [c for c in plain.checks if c.name == "labels_canonicalised"]
+
+
+def test_empty_train_and_bad_schema_are_data_errors() -> None:
+    cfg = recipe().validate_
+    empty = pa.table({"id": pa.chunked_array([], pa.string()), "text": pa.chunked_array([], pa.string()),
+                      "label": pa.chunked_array([], pa.string())})
+    result = validate.validate_tables(empty, None, cfg, None, 64)  # no pyarrow kernel error on zero chunks
+    assert {c.name for c in result.failed} >= {"train_rows"}
+
+    ints = pa.table({"id": ["a"], "text": pa.array([5]), "label": ["x"]})
+    with pytest.raises(DataError, match=r"schema check failed: column 'text' is int64, expected string"):
+        validate.validate_tables(ints, None, cfg, None, 64)
+
+    wide = pa.table({f"col{i}": [1] for i in range(3000)})
+    with pytest.raises(DataError) as err:
+        validate.validate_tables(wide, None, cfg, None, 64)
+    message = str(err.value)
+    assert "missing column(s) ['id', 'text', 'label']" in message and "more characters)" in message
+    assert len(message) < 600

@@ -8,9 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import AugmentConfig, recipe_from_dict
-from tasks.vision import augment, images, normalize
+from tasks.core.store import ArtifactStore, StageRef
+from tasks.registry import recipe_from_dict
+from tasks.vision import augment, images
+from tasks.vision import encode as normalize
+from tasks.vision.config import ImageAugmentConfig as AugmentConfig
 
 
 def test_integer_shift_is_exact_and_fills_black() -> None:

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.artifacts import ArtifactStore, StageRef
-from tasks.config import CleanConfig, SplitConfig, recipe_from_dict
+from tasks.core.config import SplitConfig
+from tasks.core.store import ArtifactStore, StageRef
+from tasks.registry import recipe_from_dict
 from tasks.vision import clean, images, split
+from tasks.vision.config import ImageCleanConfig as CleanConfig
 
 
 def table(pixels: np.ndarray, labels: list[str], prefix: str = "train"):
@@ -93,7 +95,7 @@ def test_split_keeps_test_file_and_rejects_leaks() -> None:
     labels[43] = labels[44]
     result = split.split_tables(table(pixels, labels), table(test_pixels, test_labels, "test"), SplitConfig())
     assert result.test.num_rows == 10
-    assert result.rejects.to_pylist() == [{"id": "train:#42", "reason": "leaks into test: same image as test:#3",
+    assert result.rejects.to_pylist() == [{"id": "train:#42", "split": "train", "reason": "leaks into test: same image as test:#3",
                                            "label": labels[42]}]
     assert result.train.num_rows + result.validation.num_rows == 99
     in_validation = set(result.validation.column("id").to_pylist())

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.artifacts import ArtifactStore, DataError
-from tasks.config import Recipe, load_recipe, recipe_from_dict
+from tasks.core.store import ArtifactStore, DataError
+from tasks.registry import Recipe, load_recipe, recipe_from_dict
 from tasks.vision import images, ingest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Image models and their training: shapes, the document's exact layers, checkpoints, configs, fit learns."""
+"""Image models (models.vision) and their training: shapes, the document's exact layers, checkpoints, configs, fit learns."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.mlp import DocumentMLP, ImageClassifier, MLPConfig
-from tasks.config import RecipeError, TrainConfig, load_recipe, recipe_from_dict
-from tasks.vision.train import ImageSplit, build_model, fit, predict_proba
+from models.vision import DocumentMLP, ImageClassifier, ImageModelConfig
+from tasks.core.config import TrainConfig
+from tasks.vision.loader import ImageSplit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,8 @@ def one_thread():
 
 @pytest.mark.parametrize("kind", ["document", "variant", "cnn"])
 def test_shapes_and_loss(kind: str) -> None:
-    model = build_model(MLPConfig(kind=kind), (28, 28), 10, seed=0)
+    torch.manual_seed(0)
+    model = ImageClassifier(ImageModelConfig(kind=kind), (28, 28), 10)
     x = torch.randn(5, 784)
     logits, loss = model(x, torch.tensor([0, 1, 2, 3, 9]))
     assert logits.shape == (5, 10) and loss is not None and loss.ndim == 0
@@ -34,7 +35,7 @@ def test_shapes_and_loss(kind: str) -> None:
 
 
 def test_document_mlp_is_exactly_the_documents() -> None:
-    model = ImageClassifier(MLPConfig(kind="document"), (28, 28), 10)
+    model = ImageClassifier(ImageModelConfig(kind="document"), (28, 28), 10)
     net = model.net
     assert isinstance(net, DocumentMLP)
     assert [(m.in_features, m.out_features) for m in (net.fc1, net.fc2, net.fc3)] == [(784, 256), (256, 128), (128, 10)]
@@ -47,32 +48,58 @@ def test_document_mlp_is_exactly_the_documents() -> None:
     x = torch.randn(4, 784)
     expected = net.fc3(net.fc2(torch.relu(net.fc1(x))))
     assert torch.allclose(net(x), expected)
-    variant = ImageClassifier(MLPConfig(kind="variant"), (28, 28), 10).eval()
+    variant = ImageClassifier(ImageModelConfig(kind="variant"), (28, 28), 10).eval()
     layers = variant.net.hidden
     assert torch.allclose(variant(x)[0], variant.net.out(torch.relu(layers[1](torch.relu(layers[0](x))))))
 
 
 def test_checkpoint_round_trip() -> None:
-    model = build_model(MLPConfig(kind="cnn", channels=[4, 8], hidden=[16]), (28, 28), 10, seed=1).eval()
-    copy = ImageClassifier.from_checkpoint(model.checkpoint(labels=list("0123456789"))).eval()
+    torch.manual_seed(1)
+    model = ImageClassifier(ImageModelConfig(kind="cnn", channels=[4, 8], hidden=[16]), (28, 28), 10,
+                            label_smoothing=0.1).eval()
+    ckpt = model.checkpoint(labels=list("0123456789"))
+    copy = ImageClassifier.from_checkpoint(ckpt).eval()
     x = torch.randn(2, 784)
-    assert torch.equal(model(x)[0], copy(x)[0])
+    assert torch.equal(model(x)[0], copy(x)[0]) and copy.label_smoothing == 0.1
+    del ckpt["label_smoothing"]  # checkpoints written before label smoothing existed
+    assert ImageClassifier.from_checkpoint(ckpt).label_smoothing == 0.0
+
+
+def test_label_smoothing_reaches_the_loss() -> None:
+    torch.manual_seed(0)
+    plain = ImageClassifier(ImageModelConfig(kind="variant", hidden=[8]), (4, 4), 3).eval()
+    smooth = ImageClassifier(ImageModelConfig(kind="variant", hidden=[8]), (4, 4), 3, label_smoothing=0.2).eval()
+    smooth.load_state_dict(plain.state_dict())
+    x, y = torch.randn(5, 16), torch.tensor([0, 1, 2, 0, 1])
+    logits, a = plain(x, y)
+    b = smooth(x, y)[1]
+    assert torch.allclose(a, torch.nn.functional.cross_entropy(logits, y))
+    assert torch.allclose(b, torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2)) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ImageClassifier(ImageModelConfig(), (4, 4), 3, label_smoothing=1.0)
+
+
+# The tests below go through tasks/ (recipes, the training loop); imported inside each test so that the
+# model tests above never depend on the pipeline's module layout.
 
 
 def test_config_routes_by_task() -> None:
+    from tasks.core.config import RecipeError
+    from tasks.registry import load_recipe, recipe_from_dict
+
     mnist = load_recipe(ROOT / "configs" / "mnist.yaml")
-    assert isinstance(mnist.model, MLPConfig)
+    assert isinstance(mnist.model, ImageModelConfig)
     document = load_recipe(ROOT / "configs" / "mnist.yaml", ["model.kind=document"])
     assert document.model.kind == "document" and document.model.hidden == [256, 128]
     minimal = recipe_from_dict({"name": "m", "task": "image-classification", "data": {"train_path": "x"}})
-    assert isinstance(minimal.model, MLPConfig)
-    with pytest.raises(RecipeError, match=r"model.kind: 'variant' is an image model"):
+    assert isinstance(minimal.model, ImageModelConfig)
+    with pytest.raises(RecipeError, match=r"model.kind: Extra inputs are not permitted"):
         recipe_from_dict({"name": "t", "data": {"train_path": "x.csv"}, "model": {"kind": "variant"}})
     with pytest.raises(RecipeError, match=r"model.d_model: Extra inputs are not permitted"):
         load_recipe(ROOT / "configs" / "mnist.yaml", ["model.d_model=64"])
     with pytest.raises(RecipeError, match=r"model.hidden: the document's MLP has exactly two hidden layers"):
         load_recipe(ROOT / "configs" / "mnist.yaml", ["model.kind=document", "model.hidden=[10]"])
-    with pytest.raises(RecipeError, match=r"data.format: image-classification reads IDX"):
+    with pytest.raises(RecipeError, match=r"data.format: Input should be 'idx'"):
         load_recipe(ROOT / "configs" / "mnist.yaml", ["data.format=csv"])
 
 
@@ -92,11 +119,15 @@ def tiny_cfg(optimizer: str = "adam", epochs: int = 3) -> TrainConfig:
 
 
 def document(seed: int = 0) -> ImageClassifier:
-    return build_model(MLPConfig(kind="document", hidden=[16, 8]), (4, 4), 2, seed=seed)
+    from tasks.vision.train import build_model
+
+    return build_model(ImageModelConfig(kind="document", hidden=[16, 8]), (4, 4), 2, seed=seed)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_fit_learns_and_is_deterministic(optimizer: str) -> None:
+    from tasks.vision.train import fit, predict_proba
+
     train, validation = blobs(400, 0), blobs(100, 1)
     runs = []
     for _ in range(2):
@@ -108,6 +139,8 @@ def test_fit_learns_and_is_deterministic(optimizer: str) -> None:
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    from tasks.vision.train import fit
+
     train, validation = blobs(300, 2), blobs(60, 3)
     whole = document()
     fit(whole, train, validation, tiny_cfg(epochs=3), "accuracy", 0.4, 0.3)

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from flows.cli import _is_image_file, image_pixels
-from models.mlp import MLPConfig
-from tasks.packaging import ImageClassifierModel, pixel_rows
+from models.vision import ImageModelConfig
+from tasks.core.packaging import NightshiftModel
+from tasks.vision.predict import pixel_rows
 from tasks.vision.train import build_model, predict_proba
 
 LABELS = [str(d) for d in range(10)]
@@ -22,13 +23,14 @@ NORMALIZATION = {"mean": 0.1307, "std": 0.3081, "scale": 255.0, "image_shape": [
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> tuple[ImageClassifierModel, torch.nn.Module]:
-    model = build_model(MLPConfig(kind="variant", hidden=[32, 16]), (28, 28), 10, seed=0).eval()
+def served(tmp_path: Path) -> tuple[NightshiftModel, torch.nn.Module]:
+    model = build_model(ImageModelConfig(kind="variant", hidden=[32, 16]), (28, 28), 10, seed=0).eval()
     torch.save(model.checkpoint(labels=LABELS, normalization=NORMALIZATION), tmp_path / "model.pt")
     (tmp_path / "labels.json").write_text(json.dumps(LABELS))
     (tmp_path / "normalization.json").write_text(json.dumps(NORMALIZATION))
-    (tmp_path / "bundle.json").write_text(json.dumps({"task": "image-classification"}))
-    pyfunc = ImageClassifierModel()
+    (tmp_path / "bundle.json").write_text(json.dumps({"task": "image-classification",
+                                                      "predictor": "tasks.vision.predict:ImagePredictor"}))
+    pyfunc = NightshiftModel()
     pyfunc.load_context(SimpleNamespace(artifacts={"bundle": str(tmp_path)}))
     return pyfunc, model
 
@@ -39,7 +41,7 @@ def test_lists_and_arrays_give_the_offline_predictions(served) -> None:
     expected = predict_proba(model, pixels, NORMALIZATION["mean"], NORMALIZATION["std"])
     for cells in ([row.tolist() for row in pixels], list(pixels.astype(np.int64)), list(pixels)):
         out = pyfunc.predict(None, pd.DataFrame({"pixels": cells}))
-        assert list(out.columns) == ["label", "score", "probabilities"]
+        assert list(out.columns) == ["label", "label_name", "score", "probabilities"]
         assert out["label"].tolist() == [LABELS[i] for i in expected.argmax(1)]
         assert np.allclose(np.array(out["probabilities"].tolist()), expected, atol=1e-6)
         assert np.allclose(out["score"], expected.max(1), atol=1e-6)

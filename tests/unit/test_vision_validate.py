@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.artifacts import ArtifactStore, DataError, StageRef
-from tasks.config import ValidateConfig, recipe_from_dict
+from tasks.core.config import ValidateConfig
+from tasks.core.store import ArtifactStore, DataError, StageRef
+from tasks.registry import recipe_from_dict
 from tasks.vision import images, validate
 
 LABELS = [str(d) for d in range(10)]

@@ -1,0 +1,50 @@
+"""Batches for training and inference, whatever the kind: a :class:`Loader` says how to cut a split
+into index batches and what the model's inputs and targets are for one batch. Inference-safe: torch
+and numpy only, so the served predictors use it too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or a dict of tensors (multi-head targets), moved to ``device``."""
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value.to(device)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """How :func:`fit_loader` reads one split, whatever the kind."""
+
+    size: int  # rows in the split
+    batches: Callable[[np.random.Generator | None], list[np.ndarray]]  # index batches; None: fixed order
+    inputs: Callable[[np.ndarray], tuple[torch.Tensor, ...]]  # the model's inputs for one index batch (CPU)
+    targets: Callable[[np.ndarray], Any]  # the model's targets for one index batch: a tensor or {head: tensor}
+
+
+def logits_of(outputs: Any, head: str | None) -> torch.Tensor:
+    """The logits of ``head`` in a model's outputs (a multi-head model returns ``{head: logits}``)."""
+    return outputs[head] if isinstance(outputs, dict) else outputs
+
+
+@torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader: Loader, device: torch.device, head: str | None = None) -> np.ndarray:
+    """Class probabilities (n, C) in the loader's row order."""
+    model.eval()
+    out: np.ndarray | None = None
+    for index in loader.batches(None):
+        inputs = [t.to(device) for t in loader.inputs(index)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs, _ = model(*inputs)
+        probs = torch.softmax(logits_of(outputs, head).float(), -1).cpu().numpy()
+        if out is None:
+            out = np.zeros((loader.size, probs.shape[1]), dtype=np.float32)
+        out[index] = probs
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
