@@ -17,17 +17,16 @@ Four measurements, in one process (the thread study in subprocesses), on the sam
     only; betas 0.9/0.98, eps 1e-8) and the same schedule (10 % linear warmup, then linear decay; a
     ``LambdaLR`` of our ``lr_multiplier``), handed to the Trainer through ``optimizers=``; gradient
     clipping at 1.0 on both sides; the same torch thread count (``--threads``, default 1). Ours batches
-    with its length-bucketed dynamic padding and builds its optimiser itself (``make_optimizer``: torch's
-    for-loop AdamW on CPU). The baseline is the strongest reasonable Trainer set-up:
+    with its length-bucketed dynamic padding and builds its optimiser itself (``make_optimizer``: the fused
+    AdamW kernel). The baseline is the strongest reasonable Trainer set-up:
     ``train_sampling_strategy="group_by_length"`` (transformers 5's name for ``group_by_length=True``)
     with ``DataCollatorWithPadding`` (pad to the longest row of each batch), the fused AdamW kernel (what
     the Trainer's default ``optim="adamw_torch_fused"`` builds on torch >= 2.8), an in-memory list of
     pre-tokenized rows (no Arrow decoding per row), ``eval_strategy="no"``, ``save_strategy="no"``,
     ``logging_strategy="no"``, ``report_to="none"``, ``disable_tqdm=True``, ``dataloader_num_workers=0``;
-    the rest TrainingArguments' defaults. Outside ``--quick``, three more arms run once: the Trainer with
-    our for-loop AdamW (the two loops alone), ours with the fused AdamW (``fit_loader`` with
-    ``make_optimizer`` swapped for the run: the proposed change, measured without editing fit.py) and
-    the Trainer's default random sampler. Timed: ``fit_loader(...)`` (ours: its optimiser set-up, the
+    the rest TrainingArguments' defaults. Outside ``--quick``, two more arms run once: the Trainer with
+    torch's for-loop AdamW (its CPU default before the Trainer picks the fused one) and the Trainer's
+    default random sampler. Timed: ``fit_loader(...)`` (ours: its optimiser set-up, the
     epoch, the end-of-epoch validation, here a no-op, and its state-dict copies) against
     ``trainer.train()`` (building the Trainer is timed apart). ``ratio`` = ours samples/s / HF's.
 (2) Scratch model, ours against a bare PyTorch loop: the same ScratchEncoder + SequenceHead
@@ -325,10 +324,11 @@ def quiet_transformers() -> None:
 
 
 def adamw(model: torch.nn.Module, cfg: TrainConfig, groups: list[dict[str, Any]], fused: bool) -> torch.optim.Optimizer:
-    """Our AdamW (``make_optimizer``: lr, betas 0.9/0.98, eps 1e-8, the groups' decay), for-loop or fused kernel."""
-    if not fused:
+    """Our AdamW hyperparameters (lr, betas 0.9/0.98, eps 1e-8, the groups' decay) with the fused kernel, as
+    ``make_optimizer`` builds it, or torch's single-tensor for-loop kernel (its CPU default)."""
+    if fused:
         return make_optimizer(model, cfg, groups)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, foreach=False, fused=False)
 
 
 @contextlib.contextmanager
@@ -356,8 +356,8 @@ def run_hf(model: MultiTaskModel, split: EncodedSplit, cfg: TrainConfig, tokeniz
            ) -> dict[str, Any]:
     """HF Trainer on the same model, rows, AdamW hyperparameters and schedule; ``strategy`` its train sampler
     (``group_by_length`` or the default ``random``), ``DataCollatorWithPadding`` (longest in batch). ``fused``:
-    the fused AdamW kernel (the Trainer's default ``optim="adamw_torch_fused"`` on torch >= 2.8), else our
-    ``make_optimizer``'s for-loop AdamW."""
+    the fused AdamW kernel (the Trainer's default ``optim="adamw_torch_fused"`` on torch >= 2.8, and what
+    ``make_optimizer`` builds), else torch's for-loop AdamW."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     quiet_transformers()
@@ -412,16 +412,17 @@ def per_repeat_ratio(num: list[dict[str, Any]], den: list[dict[str, Any]], key: 
     return {"median": round(statistics.median(ratios), 4), "samples": [round(r, 4) for r in ratios]}
 
 
-HF_EXTRAS = ("hf_same_optimizer", "ours_fused_adamw", "hf_random_sampler")
+# ours now builds the fused AdamW itself, so the "ours_fused_adamw" what-if arm measures what "ours" does
+HF_EXTRAS = ("hf_same_optimizer", "hf_random_sampler")
 
 
 def compare_hf(make_model: Callable[[], MultiTaskModel], split: EncodedSplit, cfg: TrainConfig, tokenizer: Any,
                repeat: int, extras: tuple[str, ...] = HF_EXTRAS, warmup: bool = True,
                log: Callable[[str], None] = print, what_if_fused: bool = False) -> dict[str, Any]:
     """(1): ours against the Trainer (group_by_length, fused AdamW), alternating order over ``repeat``;
-    then each of ``extras`` once: the Trainer with our for-loop AdamW (the loops alone), ours with the
-    fused AdamW (the proposed change), the Trainer's default random sampler. ``what_if_fused``: the
-    headline "ours" is that what-if arm (fit_loader with the fused AdamW)."""
+    then each of ``extras`` once: the Trainer with torch's for-loop AdamW, the Trainer's default random
+    sampler (``ours_fused_adamw``, fit_loader with its optimiser swapped for the fused kernel, is what the
+    shipped fit_loader does since that change). ``what_if_fused``: the headline "ours" is that arm."""
     template = make_model()
     rows = hf_rows(split)
     arms: dict[str, Callable[[MultiTaskModel], dict[str, Any]]] = {
@@ -737,7 +738,7 @@ def report(result: dict[str, Any]) -> str:
     if "minilm_vs_hf_trainer" in result:
         part = result["minilm_vs_hf_trainer"]
         rows = [("(1) MiniLM", "samples/s", "s", "padded tokens", "padding")]
-        labels = {"hf_same_optimizer": "HF Trainer, our for-loop AdamW", "ours_fused_adamw": "ours + fused AdamW (what-if)",
+        labels = {"hf_same_optimizer": "HF Trainer, for-loop AdamW", "ours_fused_adamw": "ours + fused AdamW (what-if)",
                   "hf_random_sampler": "HF Trainer random sampler"}
         ours_label = "ours + fused AdamW (what-if)" if part.get("ours_adamw", "").startswith("fused") else "ours (fit_loader)"
         for label, side in ((ours_label, part["ours"]), ("HF Trainer group_by_length", part["baseline"]),
