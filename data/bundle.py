@@ -1,6 +1,6 @@
 """Rebuild the bundled datasets in data/ from a folder of the original files (checked by sha256).
 
-    python data/bundle.py --source DIR      # DIR/sst2/{train,dev}.tsv, DIR/trec/*.label, DIR/mnist/*.gz
+    python data/bundle.py --source DIR      # DIR/sst2/{train,dev}.tsv, DIR/trec/*.label, DIR/mnist/*.gz, DIR/wnut17/*
 
 SST-2 train and dev become zstd-compressed Parquet (columns ``sentence``, ``label`` exactly as in the
 TSV: split on the tab, no quoting). TREC is copied byte for byte: its one non-UTF-8 byte stays, so
@@ -27,8 +27,11 @@ SHA256 = {
     "mnist/train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
     "mnist/t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
     "mnist/t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "wnut17/wnut17train.conll": "731820e13f71af324c6b55a1575ec2ce59fbaa2a0806f8f0400b98d56cd6a7a5",
+    "wnut17/emerging.dev.conll": "e053b752b8155113ca66e7db08af5f2f5f43ab993694e4774f1ec5bad42312d8",
+    "wnut17/emerging.test.annotated": "2aa79b764e56ec9264a1b30fdd9b70195bd00ff400b62edd8f399d5f13c178f0",
 }
-BYTE_COPIES = [name for name in SHA256 if name.startswith(("trec/", "mnist/"))]
+BYTE_COPIES = [name for name in SHA256 if name.startswith(("trec/", "mnist/", "wnut17/"))]
 
 
 def checked(source: Path, name: str) -> Path:

@@ -2,8 +2,11 @@
 
     nightshift run [--config configs/sst2.yaml] [--set key.sub=value ...] [--summary-json PATH] [--force]
     nightshift predict --model NAME [--alias champion] [--invert] TEXT_OR_IMAGE...
-    nightshift promote --model NAME --version N
-    nightshift rollback --model NAME
+    nightshift promote --model NAME --version N [--force --reason TEXT]
+    nightshift rollback --model NAME [--to VERSION]
+    nightshift history --model NAME [--json]
+    nightshift score --model NAME [--alias champion] --input FILE --output OUT.parquet
+    nightshift serve --model NAME [--alias champion | --version N] [--host 127.0.0.1] [--port 8080]
 
 Errors a user can cause (a bad recipe, a missing file or column, a failed validation threshold)
 print one line naming the file and the problem and exit 2; ``--debug`` shows the traceback.
@@ -50,8 +53,9 @@ def _quiet_tracebacks() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from tasks.core.config import RecipeError
     from tasks.core.store import DataError
+    from tasks.deploy import PromotionRefused
 
-    return DataError, RecipeError
+    return DataError, RecipeError, PromotionRefused
 
 
 def _write_json(path: Path | None, value: dict[str, Any]) -> None:
@@ -77,7 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     _write_json(args.summary_json, summary)
     uri = summary["mlflow"]["tracking_uri"]
-    test = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"]["test"].items())
+    from tasks.core.config import flatten  # multi-task summaries nest metrics per task
+
+    test = ", ".join(f"{k}={v:.4f}" for k, v in flatten(summary["metrics"]["test"]).items())
     decision = summary["decision"]
     print(f"\nnightshift: {recipe.name} test {test}")
     print(f"nightshift: model {summary['model']['uri']}: {'PROMOTED to champion' if decision['promoted'] else 'not promoted'}"
@@ -152,6 +158,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         result = model.predict(pd.DataFrame({"text": args.texts}))
         key = "text"
+    if "entities" in result.columns:  # a token model: the entities with their character offsets
+        for item, entities in zip(args.texts, result["entities"]):
+            print(json.dumps({key: item, "entities": list(entities)}, default=str, ensure_ascii=False))
+        return 0
+    if "score" not in result.columns:  # a model of several heads (multi-task): every column, per task
+        for item, row in zip(args.texts, result.to_dict("records")):
+            print(json.dumps({key: item, **row}, default=str, ensure_ascii=False))
+        return 0
     names = result["label_name"] if "label_name" in result.columns else result["label"]
     for item, label, name, score in zip(args.texts, result["label"], names, result["score"]):
         print(json.dumps({key: item, "label": name, **({"class": label} if name != label else {}),
@@ -159,23 +173,67 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_config(args: argparse.Namespace) -> Any:
+    from tasks.core.config import DeployConfig
+
+    return DeployConfig(canary=not getattr(args, "no_canary", False), server_url=getattr(args, "server_url", None),
+                        **({"lock_timeout_s": args.lock_timeout} if getattr(args, "lock_timeout", None) is not None
+                           else {}))
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from tasks.core import tracking
-    from tasks.deploy import promote
+    from tasks.deploy import promote_checked
 
     tracking.configure()
-    before = promote(args.model, str(args.version))
-    print(f"nightshift: {args.model} champion {before} -> {args.version}")
+    outcome = promote_checked(args.model, str(args.version), _deploy_config(args), args.force, args.reason)
+    if not outcome.promoted:
+        print(f"nightshift: {args.model}: {outcome.reason}")
+        return 0
+    canary = outcome.canary or {}
+    checked = (f"; canary p99 {canary['p99_ms']:.1f} ms, {canary['rss_mb']:.0f} MiB" if canary.get("p99_ms") is not None
+               else "")
+    print(f"nightshift: {args.model} champion {outcome.champion_before} -> {outcome.champion_after}{checked}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from tasks.core import tracking
-    from tasks.deploy import rollback
+    from tasks.deploy import rollback_locked
 
     tracking.configure()
-    before, after = rollback(args.model)
+    before, after = rollback_locked(args.model, None if args.to is None else str(args.to), _deploy_config(args),
+                                    args.reason or "")
     print(f"nightshift: {args.model} champion {before} -> {after} (previous is now {before})")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from tasks.core import history, tracking
+
+    tracking.configure()
+    if not tracking.model_exists(args.model):
+        from tasks.core.store import DataError
+
+        raise DataError(f"history: no registered model {args.model!r} in {tracking.tracking_uri()}")
+    moves = history.moves(args.model)
+    if args.json:
+        print(json.dumps([m.model_dump(exclude={"key"}) for m in moves], indent=2))
+    elif not moves:
+        print(f"nightshift: {args.model}: no alias moves recorded")
+    else:
+        print(history.table(moves))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flows.score import score
+
+    result = score(args.model, str(args.input), str(args.output), args.alias, args.batch_size, args.id_column,
+                   args.input_column)
+    print(f"nightshift: scored {result['rows_scored']} of {result['rows_in']} rows with {args.model} "
+          f"v{result['model_version']} -> {result['output']} ({result['rows_rejected']} rejected"
+          + (f" -> {result['rejects']}" if result["rows_rejected"] else "") + ")")
     return 0
 
 
@@ -193,6 +251,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from flows.deployments import main as schedule_main
 
     return schedule_main(_rest(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tasks.serve import main as serve_main
+
+    return serve_main(_rest(args))
 
 
 def _use_running_stack() -> None:
@@ -225,16 +289,44 @@ def build_parser() -> argparse.ArgumentParser:
                               "image size) for an image model")
     predict.set_defaults(func=cmd_predict)
 
-    promote = sub.add_parser("promote", help="make a version the champion (the old one becomes 'previous')")
+    promote = sub.add_parser("promote", help="make a version the champion after infra validation (the old one "
+                                             "becomes 'previous'); refuses a version whose gate failed")
     promote.add_argument("--model", required=True)
     promote.add_argument("--version", required=True, type=int)
+    promote.add_argument("--force", action="store_true", help="promote even though the version's release gate failed")
+    promote.add_argument("--reason", help="why (recorded in the alias history; say it when forcing)")
+    promote.add_argument("--no-canary", action="store_true",
+                         help="skip infra validation in a fresh `nightshift serve` process (load it here instead)")
+    promote.add_argument("--server-url", help="a live `nightshift serve` that must switch to the version (else reverted)")
+    promote.add_argument("--lock-timeout", type=float, help="seconds to wait for the model's release lock (default 900)")
     promote.set_defaults(func=cmd_promote)
 
-    rollback = sub.add_parser("rollback", help="swap 'champion' and 'previous'")
+    rollback = sub.add_parser("rollback", help="move 'champion' one step back in its alias history (twice: two steps)")
     rollback.add_argument("--model", required=True)
+    rollback.add_argument("--to", type=int, help="roll back to this version instead")
+    rollback.add_argument("--reason", help="why (recorded in the alias history)")
+    rollback.add_argument("--lock-timeout", type=float, help="seconds to wait for the model's release lock (default 900)")
     rollback.set_defaults(func=cmd_rollback)
 
-    # the service commands parse their own arguments (infra/stack.py, flows/deployments.py)
+    history = sub.add_parser("history", help="every alias move of a model, oldest first (from the registry)")
+    history.add_argument("--model", required=True)
+    history.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    history.set_defaults(func=cmd_history)
+
+    score = sub.add_parser("score", help="batch-score a file with a registered model (a Prefect flow)")
+    score.add_argument("--model", required=True)
+    score.add_argument("--alias", default="champion", help="registry alias (default: %(default)s)")
+    score.add_argument("--input", required=True, type=Path, help="csv, tsv, jsonl or parquet file (optionally .gz "
+                                                                  "for csv/tsv/jsonl)")
+    score.add_argument("--output", required=True, type=Path, help="Parquet file to write; rejects go next to it "
+                                                                   "(<name>.rejects.parquet)")
+    score.add_argument("--batch-size", type=int, default=1024, help="rows per batch (default: %(default)s)")
+    score.add_argument("--id-column", default="id", help="column holding row ids (default: %(default)s; missing: "
+                                                         "'<file name>:<row>')")
+    score.add_argument("--input-column", help="column holding the inputs (default: the model's: text or pixels)")
+    score.set_defaults(func=cmd_score)
+
+    # the service commands parse their own arguments (infra/stack.py, flows/deployments.py, tasks/serve.py)
     stack = sub.add_parser("stack", add_help=False, help="PostgreSQL + Prefect server + MLflow server on loopback: "
                                                          "up | down | status | env (see `nightshift stack --help`)")
     stack.add_argument("rest", nargs=argparse.REMAINDER)
@@ -243,10 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "see `nightshift schedule --help`)")
     schedule.add_argument("rest", nargs=argparse.REMAINDER)
     schedule.set_defaults(func=cmd_schedule)
+    serve = sub.add_parser("serve", add_help=False, help="HTTP predictions from a registered model, following its "
+                                                         "alias (see `nightshift serve --help`)")
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
-SERVICE_COMMANDS = ("stack", "schedule")
+SERVICE_COMMANDS = ("stack", "schedule", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     _environment()
     if args.command != "stack":
         _use_running_stack()
-    if not args.debug:
+    if not args.debug and args.command != "serve":  # the server never imports Prefect (start-up time, memory)
         _quiet_tracebacks()
     try:
         return args.func(args)

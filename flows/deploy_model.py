@@ -1,4 +1,4 @@
-"""Sub-flow deploy_model: register the challenger, move the champion alias if the gate passed, smoke-test.
+"""Sub-flow deploy_model: register the challenger; if the gate passed, infra-validate it and move the champion alias.
 
     python -m flows.deploy_model --config configs/sst2.yaml    # runs the stages before it (cache hits)
 """
@@ -16,11 +16,12 @@ from tasks.registry import Recipe
 def deploy_model(
     recipe: Recipe, data: PreparedData, trained: TrainedModel, evaluated: Evaluated, parent_run_id: str | None = None
 ) -> Deployed:
-    """Log + register the model as challenger (from the train run); promote it to champion when the gate passed."""
-    with stages.mlflow_run(recipe, "deploy", parent_run_id) as run_id:
+    """Under the model's release lock: log + register the challenger (from the train run); when the gate passed,
+    infra-validate it in a real server and promote it to champion."""
+    with stages.mlflow_run(recipe, "deploy", parent_run_id) as run_id, stages.release_lock(recipe, parent_run_id):
         encoded = data.stages["encode"]
         registered = stages.register(recipe, trained.stage, evaluated.stage, encoded, data.fingerprint, trained.run_id)
-        release = stages.deploy(recipe, registered.version, evaluated.stage, encoded)
+        release = stages.deploy(recipe, registered.version, evaluated.stage, encoded, run_id, parent_run_id)
     return Deployed(run_id=run_id, name=registered.name, version=registered.version, uri=registered.uri,
                     reused=registered.reused, release=release.model_dump())
 

@@ -26,6 +26,13 @@ the recipe's sections and fields with their descriptions, bounds and choices, an
 refused as ``Validation failed for field 'recipe.train.epochs'``. The flow itself still takes any
 recipe.
 
+Batch scoring after the pipeline. ``--score RECIPE INPUT OUTPUT`` (repeatable) also serves
+``nightshift-score/<model>`` (:func:`score_deployment`): after each completed run of
+``nightshift-pipeline/RECIPE`` it scores INPUT with the model's champion into OUTPUT (rejects next to
+it)::
+
+    nightshift schedule --config configs/sst2.yaml --score sst2 data/incoming.csv out/sst2.parquet
+
 Schedules only fire on a Prefect server (the ephemeral API has no scheduler), so ``schedule``
 refuses to start without ``PREFECT_API_URL``.
 """
@@ -48,6 +55,9 @@ if TYPE_CHECKING:
     from prefect.utilities.callables import ParameterSchema
 
 DEFAULT_CRON = "0 2 * * *"
+# the recipe's sections in the run form: the YAML's order, which is the pipeline's
+SECTION_ORDER = ("name", "task", "data", "validate", "clean", "split", "tokenizer", "augment", "model", "train",
+                 "evaluate", "deploy")
 DEFAULT_TIMEZONE = "UTC"
 TAG = "nightshift"
 # Seconds between the runner's polls for due runs (Prefect's default is 10): a run triggered from the
@@ -77,7 +87,19 @@ def form_schema(recipe_class: type) -> ParameterSchema:
         """
 
     run_form.__annotations__ = {"recipe": recipe_class, "force": bool, "return": None}
-    return parameter_schema(run_form)
+    schema = parameter_schema(run_form)
+    # The server keeps the schema in PostgreSQL JSONB, which reorders object keys (shortest first), and
+    # the UI's form sorts fields by "position": without one, a section's fields come in key-length
+    # order (format, labels, columns, ..., train_path). Number them: a section's fields in declaration
+    # order, the recipe's sections in the order the pipeline uses them (the class lists inherited first).
+    recipe_def = getattr(recipe_class, "__name__", None)
+    for name, definition in (schema.definitions or {}).items():
+        keys = list(definition.get("properties") or {})
+        if name == recipe_def:
+            keys.sort(key=lambda k: SECTION_ORDER.index(k) if k in SECTION_ORDER else len(SECTION_ORDER))
+        for position, key in enumerate(keys):
+            definition["properties"][key]["position"] = position
+    return schema
 
 
 def concurrency() -> ConcurrencyLimitConfig:
@@ -141,6 +163,42 @@ def deployment_for(
     return deployment
 
 
+def score_deployment(
+    model: str, input_path: str, output_path: str, alias: str = "champion", cron: str | None = None,
+    timezone: str = DEFAULT_TIMEZONE, after_pipeline: bool = True, pipeline: str | None = None,
+) -> RunnerDeployment:
+    """The deployment ``nightshift-score/<model>``: batch-score ``input_path`` with ``models:/MODEL@ALIAS``.
+
+    It runs after every completed pipeline run of the recipe deployment ``pipeline`` (default: the
+    model's name; a Prefect event trigger on ``prefect.flow-run.Completed`` of
+    ``nightshift-pipeline/<pipeline>``) and, with ``cron``, on that schedule too. One run at a time
+    (ENQUEUE), like the pipeline's. ``nightshift schedule --score`` serves it.
+    """
+    from prefect.deployments.runner import EntrypointType
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    from flows.score import score
+
+    if cron is not None:
+        _check_schedule(cron, timezone)
+    triggers = [DeploymentEventTrigger(
+        expect={"prefect.flow-run.Completed"},
+        match_related=[{"prefect.resource.role": "flow", "prefect.resource.name": "nightshift-pipeline"},
+                       {"prefect.resource.role": "deployment", "prefect.resource.name": pipeline or model}],
+        parameters={"model": model, "input": input_path, "output": output_path, "alias": alias},
+    )] if after_pipeline else []
+    return score.to_deployment(
+        name=model, schedules=[Cron(cron, timezone=timezone)] if cron else [], triggers=triggers,
+        parameters={"model": model, "input": input_path, "output": output_path, "alias": alias},
+        concurrency_limit=concurrency(), tags=[TAG, f"model:{model}", "score"],
+        description=f"Batch-score {input_path} with models:/{model}@{alias} into {output_path} (rejects next to it)"
+                    + (" after each completed pipeline run" if after_pipeline else "")
+                    + (f", and on cron '{cron}' ({timezone})" if cron else "") + ".",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
 def api_url() -> str | None:
     """The Prefect API the process talks to: PREFECT_API_URL from the environment or the Prefect profile."""
     url = os.environ.get("PREFECT_API_URL")
@@ -152,12 +210,15 @@ def api_url() -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config (repeatable), --cron and --timezone of ``nightshift schedule``."""
+    """--config (repeatable), --cron, --timezone and --score (repeatable) of ``nightshift schedule``."""
     parser.add_argument("--config", dest="configs", type=Path, action="append", default=None, metavar="RECIPE.yaml",
                         help=f"recipe YAML, one deployment each (repeatable; default: {DEFAULT_RECIPE})")
     parser.add_argument("--cron", default=DEFAULT_CRON, help="cron schedule of every deployment (default: %(default)s)")
     parser.add_argument("--timezone", default=DEFAULT_TIMEZONE,
                         help="IANA timezone the cron schedule is read in (default: %(default)s)")
+    parser.add_argument("--score", nargs=3, action="append", default=None, metavar=("RECIPE", "INPUT", "OUTPUT"),
+                        help="also serve nightshift-score/<model>: after each completed pipeline run of RECIPE, "
+                             "batch-score INPUT with its champion into OUTPUT (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,10 +281,33 @@ def run(args: argparse.Namespace) -> int:
                   "one deployment per recipe name", file=sys.stderr)
             return 2
         names[deployment.name] = path
-    listed = ", ".join(f"nightshift-pipeline/{name}" for name in names)
+    try:
+        scorers = score_deployments(deployments, args.score or [])
+    except ScheduleError as exc:
+        print(f"nightshift: error: {exc}", file=sys.stderr)
+        return 2
+    listed = ", ".join([f"nightshift-pipeline/{name}" for name in names]
+                       + [f"nightshift-score/{d.name} (after {d.parameters['model']}'s pipeline)" for d in scorers])
     print(f"nightshift: serving {listed} on {url}, cron '{args.cron}' ({args.timezone}); Ctrl-C stops", flush=True)
-    serve(deployments)
+    serve([*deployments, *scorers])
     return 0
+
+
+def score_deployments(pipelines: Sequence[RunnerDeployment], wanted: Sequence[Sequence[str]]) -> list[RunnerDeployment]:
+    """One :func:`score_deployment` per ``(recipe, input, output)`` of ``--score``, after that recipe's pipeline."""
+    by_recipe = {d.name: d for d in pipelines}
+    out: list[RunnerDeployment] = []
+    for recipe, input_path, output_path in wanted:
+        if recipe not in by_recipe:
+            raise ScheduleError(f"--score {recipe}: no such recipe among --config ({', '.join(by_recipe)})")
+        params = by_recipe[recipe].parameters["recipe"]
+        model = (params.get("deploy") or {}).get("model_name") or recipe  # Recipe.model_name, from its YAML dict
+        if any(d.name == model for d in out):
+            raise ScheduleError(f"--score {recipe}: model {model!r} is scored twice; one score deployment per model")
+        # absolute: the runs start in the runner's processes, whatever their working directory
+        out.append(score_deployment(model, str(Path(input_path).resolve()), str(Path(output_path).resolve()),
+                                    pipeline=recipe))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,10 @@ PG_SYSTEM_USER = "nightshift-pg"  # created (useradd --system) when running as r
 HEALTH_TIMEOUT_S = 90.0
 POSTGRES_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+# MLflow checks the basic-auth password hash (tens of ms of CPU by design) on every request unless it
+# caches a verified credential; a pipeline run makes hundreds of requests. A password change reaches
+# the other worker within this many seconds.
+AUTH_CACHE_TTL_S = 60
 
 # secrets.json key -> environment variable that overrides it (the value is then not written to disk)
 SECRET_ENV = {
@@ -782,8 +786,11 @@ def wait_postgres(paths: StackPaths, state: Mapping[str, Any], secrets: Mapping[
 
 def server_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment a Python server inherits: the user's, less what would point it elsewhere."""
+    from tasks.core.environment import apply_defaults
+
     env = {k: v for k, v in environ.items()
            if k not in ("PREFECT_API_KEY", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    apply_defaults(env)  # the quiet, offline defaults of every entry point, also for `python -m infra.stack`
     env["PYTHONUNBUFFERED"] = "1"  # logs reach the log file as they happen
     return env
 
@@ -815,6 +822,9 @@ def prefect_server_env(paths: StackPaths, state: Mapping[str, Any], secrets: Map
         "PREFECT_UI_ENABLED": "true",
         "PREFECT_SERVER_UI_ENABLED": "true",
     })
+    # a run held back by a deployment's concurrency limit retries after this long (Prefect's default
+    # is 30 s); short, so a queued run of a recipe starts promptly once the running one ends
+    env.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "5")
     return env
 
 
@@ -833,7 +843,8 @@ def write_auth_config(paths: StackPaths, state: Mapping[str, Any], secrets: Mapp
             "default_permission = READ\n"
             f"database_uri = {pg_url(state, secrets, 'mlflow', 'psycopg2')}\n"
             f"admin_username = {MLFLOW_ADMIN}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
     write_private(paths.auth_ini, text)
 
 

@@ -15,11 +15,14 @@ from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from tasks.core.config import RecipeError, apply_overrides, error_message, read_yaml
 from tasks.core.kind import Kind
+from tasks.multi.config import MultiRecipe
 from tasks.text.config import TextRecipe
+from tasks.tokens.config import TokenRecipe
 from tasks.vision.config import ImageRecipe
 
 DEFAULT_TASK = "text-classification"
-KINDS = {"text-classification": "tasks.text.kind", "image-classification": "tasks.vision.kind"}
+KINDS = {"text-classification": "tasks.text.kind", "image-classification": "tasks.vision.kind",
+         "token-classification": "tasks.tokens.kind", "multi-task": "tasks.multi.kind"}
 
 
 def _task_of(value: Any) -> str:
@@ -30,11 +33,12 @@ def _task_of(value: Any) -> str:
 
 
 Recipe = Annotated[
-    Union[Annotated[TextRecipe, Tag("text-classification")], Annotated[ImageRecipe, Tag("image-classification")]],
+    Union[Annotated[TextRecipe, Tag("text-classification")], Annotated[ImageRecipe, Tag("image-classification")],
+          Annotated[TokenRecipe, Tag("token-classification")], Annotated[MultiRecipe, Tag("multi-task")]],
     Discriminator(_task_of, custom_error_type="invalid_task",
                   custom_error_message=f"task must be one of: {', '.join(KINDS)}"),
 ]
-AnyRecipe = TextRecipe | ImageRecipe
+AnyRecipe = TextRecipe | ImageRecipe | TokenRecipe | MultiRecipe
 
 
 @functools.cache

@@ -35,7 +35,7 @@ from tasks.core.lineage import (
     tracked,
 )
 from tasks.core.settings import get_settings
-from tasks.core.store import StageRef
+from tasks.core.store import StageRef, bounded, one_line
 from tasks.registry import AnyRecipe, kind_of
 
 
@@ -105,7 +105,7 @@ def summarize(
                                "nightshift.model_version": deployed.version,
                                "nightshift.promoted": summary["decision"]["promoted"]})
     log_data_input(run_id, recipe, data.fingerprint, data.stages["encode"].rows, "training")
-    tracking.log_metrics(run_id, {f"test_{k}": v for k, v in summary["metrics"]["test"].items()})
+    tracking.log_metrics(run_id, {f"test_{k}": v for k, v in flatten(summary["metrics"]["test"]).items()})  # multi-task: nested per task
     tracking.log_text(run_id, json.dumps(summary, indent=2), "summary.json")
     runs = {"pipeline": run_id, **summary["mlflow"]["stage_runs"]}
     on_server = summary["mlflow"]["tracking_uri"].startswith(("http://", "https://"))  # UI pages to link to
@@ -192,10 +192,7 @@ def champion_scorer(model_name: str, column: str) -> tuple[str | None, ChampionS
         return None, None
 
     def scorer(inputs: list[Any]) -> list[str]:
-        import pandas as pd
-
-        model = tracking.load_pyfunc(f"models:/{model_name}/{version}")
-        return [str(label) for label in model.predict(pd.DataFrame({column: list(inputs)}))["label"].tolist()]
+        return release_stage.predict_labels(tracking.load_pyfunc(f"models:/{model_name}/{version}"), inputs, column)
 
     return version, scorer
 
@@ -229,16 +226,184 @@ def register(recipe: AnyRecipe, trained: StageRef, evaluated: StageRef, encoded:
                                    kind.examples(encoded, 3), data_fingerprint)
 
 
+def move_context(run_id: str | None) -> release_stage.MoveContext:
+    """Who moves an alias, for the alias history: this process, the MLflow run, the Prefect flow run."""
+    ctx = FlowRunContext.get()
+    flow_run_id = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+    return release_stage.MoveContext(mlflow_run_id=run_id, prefect_flow_run_id=flow_run_id)
+
+
+@contextlib.contextmanager
+def release_lock(recipe: AnyRecipe, parent_run_id: str | None) -> Iterator[None]:
+    """The model's release lock (``tasks.core.lock``) around register and deploy; waits at most
+    ``deploy.lock_timeout_s``. Not a task: the flow's process holds it while its tasks run."""
+    with release_stage.model_lock(recipe.model_name, recipe.deploy.lock_timeout_s, move_context(parent_run_id)):
+        yield
+
+
+def log_canary(run_id: str | None, report: dict[str, Any] | None, error: str | None = None) -> None:
+    """Infra validation's figures on the deploy run: latencies, memory, the served version, pass or the failed check."""
+    if run_id is None or report is None:
+        return
+    figures = {f"canary.{k}": report[k] for k in ("p50_ms", "p99_ms", "batch_ms", "rss_mb", "startup_s", "requests",
+                                                   "in_process_s") if report.get(k) is not None}
+    tracking.log_metrics(run_id, figures)
+    tracking.set_tags(run_id, {"nightshift.canary.served_version": report.get("served_version") or report.get("version"),
+                               "nightshift.canary.result": f"failed: {report.get('failed_check') or error}"
+                               if error else "passed"})
+    tracking.log_text(run_id, json.dumps({**report, "error": error}, indent=2), "canary.json")
+
+
+def judged_against(evaluated: StageRef) -> str | None:
+    """The champion version the evaluation compared against (part of every evaluate stage's key config)."""
+    try:
+        config = json.loads(evaluated.file("manifest.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        config = {}
+    return config["champion_version"] if "champion_version" in config else evaluated.extra["decision"].get(
+        "champion_version")
+
+
 @task(name="deploy", retries=0, cache_policy=NONE)
-def deploy(recipe: AnyRecipe, version: str, evaluated: StageRef, encoded: StageRef, sample: int = 32) -> release_stage.Release:
-    """Promote when the gate passed; smoke-test the champion alias against the offline predictions."""
+def deploy(recipe: AnyRecipe, version: str, evaluated: StageRef, encoded: StageRef, run_id: str | None = None,
+           parent_run_id: str | None = None) -> release_stage.Release:
+    """Promote when the gate passed: infra-validate the challenger in a real server, move champion, check the live server."""
     tracking.configure()
-    kind = kind_of(recipe)
+    kind, cfg = kind_of(recipe), recipe.deploy
     decision = evaluated.extra["decision"]
-    expected = json.loads(evaluated.file("predictions.json").read_text())["pred"][:sample]
-    inputs = kind.examples(encoded, sample)
-    outcome = release_stage.release(
-        recipe.model_name, version, decision["passed"], decision["reason"],
-        smoke=lambda uri: release_stage.smoke_test(uri, inputs, expected, kind.input_column))
+    expected = [str(p) for p in json.loads(evaluated.file("predictions.json").read_text())["pred"][:cfg.canary_size]]
+    inputs = kind.examples(encoded, cfg.canary_size)
+    try:
+        outcome = release_stage.release(
+            recipe.model_name, version, decision["passed"], decision["reason"],
+            gate_champion=judged_against(evaluated),
+            validate=release_stage.validator(recipe.model_name, inputs, expected, kind.input_column, cfg),
+            switch=release_stage.switcher(cfg), context=move_context(parent_run_id or run_id))
+    except release_stage.ReleaseError as exc:
+        report = getattr(exc.__cause__, "report", None)
+        log_canary(run_id, report.model_dump() if report is not None else None, one_line(exc, 4000))
+        raise
+    log_canary(run_id, outcome.canary)
+    if run_id is not None:
+        tracking.set_tags(run_id, {"nightshift.release": bounded(outcome.reason, 5000), "nightshift.promoted": outcome.promoted})
     _logger().info("deploy: %s", outcome.reason)
     return outcome
+
+
+# ---------------------------------------------------------------------------------------------- alerts
+
+
+def flow_run_url() -> str | None:
+    """The Prefect UI page of the current flow run (its id alone on the ephemeral API, which has no UI)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/runs/flow-run/{ctx.flow_run.id}" if ui else f"prefect flow run {ctx.flow_run.id} (no UI)"
+
+
+def _links(run_id: str | None) -> dict[str, str | None]:
+    mlflow_url = None
+    if run_id is not None:
+        try:
+            mlflow_url = tracking.run_url(run_id)
+        except Exception:  # the tracking store itself may be what failed
+            mlflow_url = f"run {run_id}"
+    return {"mlflow_run": mlflow_url, "prefect_flow_run": flow_run_url()}
+
+
+def validation_summary(data: PreparedData) -> dict[str, Any]:
+    """Rows in, rows rejected (by stage) and the validation's rejects by reason, for the alert."""
+    by_stage = {name: ref.rows.get("rejected", 0) for name, ref in data.stages.items() if ref.rows.get("rejected")}
+    return {"rows_in": data.stages["ingest"].rows.get("input"), "rows_rejected": sum(by_stage.values()),
+            "rejected_by_stage": by_stage,
+            "rejected_by_reason": dict(data.stages["validate"].extra.get("rejects_by_reason") or {}),
+            "status": data.stages["validate"].extra.get("status")}
+
+
+@task(name="alert", retries=0, cache_policy=NONE)
+def alert(summary: dict[str, Any], data: PreparedData, evaluated: Evaluated) -> bool:
+    """POST the run's news (decision, metric diff, validation summary, links) to NIGHTSHIFT_ALERT_WEBHOOK, if set.
+
+    True when the webhook accepted it. Never raises: an alert that could not be built or sent is logged.
+    """
+    # the run is complete (and maybe promoted) by now: whatever goes wrong here, building the message
+    # included, is logged and must not turn it into a failed run (nor send a failed-run alert)
+    try:
+        from tasks import alerts
+
+        settings = get_settings()
+        if not settings.nightshift_alert_webhook:
+            return False
+        champion = alerts.champion_metrics(evaluated.stage.extra.get("metrics") or {})
+        message = alerts.completed_message(summary, validation_summary(data), champion,
+                                           _links(summary["mlflow"]["parent_run_id"]))
+        return alerts.send(settings.nightshift_alert_webhook, message, settings.nightshift_alert_timeout_s)
+    except Exception as exc:
+        _logger().warning("alert: could not send the completed-run alert: %s: %s", type(exc).__name__, one_line(exc))
+        return False
+
+
+@contextlib.contextmanager
+def alert_on_failure(recipe: AnyRecipe, run_id: str) -> Iterator[None]:
+    """Around the pipeline's body: a failure sends the failed-run alert (stage, one-line error), then propagates."""
+    try:
+        yield
+    except Exception as exc:
+        from tasks import alerts
+
+        settings = get_settings()
+        if settings.nightshift_alert_webhook:
+            try:
+                message = alerts.failed_message(recipe.name, recipe.model_name, exc, _links(run_id))
+                alerts.send(settings.nightshift_alert_webhook, message, settings.nightshift_alert_timeout_s)
+            except Exception as alert_exc:  # the alert must never hide the run's own error
+                _logger().warning("alert: could not send the failure alert: %s: %s", type(alert_exc).__name__,
+                                  one_line(alert_exc))
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- batch scoring
+
+
+@task(name="score", retries=0, cache_policy=NONE)
+def score_file(model: str, input_path: str, output_path: str, alias: str = "champion", batch_size: int = 1024,
+               id_column: str = "id", input_column: str | None = None) -> dict[str, Any]:
+    """Stream ``input_path`` through ``models:/MODEL@ALIAS`` into ``output_path``; rows and counts to MLflow."""
+    from pathlib import Path
+
+    from tasks import score as scoring
+    from tasks.core.store import DataError
+
+    tracking.configure()
+    version = tracking.alias_version(model, alias)
+    if version is None:
+        raise DataError(f"score: registered model {model!r} has no alias {alias!r} in {tracking.tracking_uri()}")
+    pyfunc = tracking.load_pyfunc(f"models:/{model}/{version}")
+    column, pixels = scoring.model_inputs(pyfunc)
+    ctx = FlowRunContext.get()
+    tags = {"nightshift.kind": "score", "nightshift.model": model, "nightshift.model_version": version,
+            "nightshift.alias": alias}
+    if ctx is not None and ctx.flow_run is not None:
+        tags["prefect.flow_run_id"] = str(ctx.flow_run.id)
+    run_id = tracking.start_run(tracking.ensure_experiment(f"{model}-scoring"), f"score-{model}-v{version}", None, tags)
+    tracking.log_params(run_id, {"model": model, "alias": alias, "version": version, "input": input_path,
+                                 "output": output_path, "batch_size": batch_size, "input_column": input_column or column})
+    try:
+        result = scoring.score_file(pyfunc, model, version, Path(input_path), Path(output_path),
+                                    input_column or column, batch_size, id_column, pixels)
+    except BaseException:
+        close_run(run_id, failed=True)
+        raise
+    from tasks.core.rejects import metric_name
+
+    tracking.log_metrics(run_id, {"rows_in": result.rows_in, "rows_scored": result.rows_scored,
+                                  "rows_rejected": result.rows_rejected, "seconds": result.seconds,
+                                  **{f"rejected.{metric_name(k)}": v for k, v in result.rejected_by_reason.items()}})
+    tracking.log_text(run_id, result.model_dump_json(indent=2), "score.json")
+    close_run(run_id)
+    _logger().info("score: %d rows in, %d scored, %d rejected (%s)", result.rows_in, result.rows_scored,
+                   result.rows_rejected, result.rejected_by_reason)
+    return {**result.model_dump(), "mlflow_run_id": run_id}

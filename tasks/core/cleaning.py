@@ -50,13 +50,20 @@ def store_result(
     started: float,
     extra: dict[str, Any] | None = None,
     write_more: Callable[[Path, pa.Table], list[str]] | None = None,
+    count_labels: Callable[[pa.Table], dict[str, int]] | None = None,
+    lost_warning: str = "train: label {!r} has no rows left after cleaning",
+    counts_name: str = "label_counts",
 ) -> StageRef:
-    """The end of the clean stage, for text and images: row accounting, lost-label warnings, metrics,
+    """The end of the clean stage, for every kind: row accounting, lost-label warnings, metrics,
     ``clean_report.json``, the rejects and their sample, and the stored output.
 
     ``results`` are the cleaned ``splits``; ``write_more(directory, rejects_sample)`` writes a
-    modality's own files (the image stage's picture of rejected images) and returns their names.
+    modality's own files (the image stage's picture of rejected images) and returns their names;
+    ``count_labels(table)`` counts a split's labels (default: its ``label`` column; tokens: entity
+    types), ``lost_warning`` words the warning for a label train no longer has, and ``counts_name``
+    names those counts in ``clean_report.json``.
     """
+    count_labels = count_labels or _label_counts
     rejects = pa.concat_tables([r.rejects for r in results.values()]).combine_chunks()
     rows = {
         "input": sum(t.num_rows for t in splits.values()),
@@ -68,10 +75,10 @@ def store_result(
         raise RuntimeError(f"{STAGE}: row accounting broken: {rows}")
 
     by_reason = dict(Counter(reason_kind(r) for r in rejects.column("reason").to_pylist()))
-    label_counts = {split: _label_counts(r.table) for split, r in results.items()}
-    before = validated.extra.get("labels") or sorted(_label_counts(splits["train"]))
+    label_counts = {split: count_labels(r.table) for split, r in results.items()}
+    before = validated.extra.get("labels") or sorted(count_labels(splits["train"]))
     lost = [label for label in before if not label_counts["train"].get(label)]
-    warnings = [f"train: label {label!r} has no rows left after cleaning" for label in lost]
+    warnings = [lost_warning.format(label) for label in lost]
     metrics: dict[str, float] = {
         "rows_input": rows["input"], "rows_train": rows["train"], "rows_test": rows["test"],
         "rows_rejected": rows["rejected"],
@@ -86,7 +93,7 @@ def store_result(
         "rows": rows,
         "splits": {split: r.stats for split, r in results.items()},
         "rejects_by_reason": by_reason,
-        "label_counts": label_counts,
+        counts_name: label_counts,
         "config": key.config,
         "warnings": warnings,
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +39,21 @@ class DataSource(Section):
         default=None, description="Allowed label set; rows with other labels are rejected. Null accepts every label seen in train."
     )
     max_rows: int | None = Field(default=None, ge=1, description="Read at most this many rows per file (debug knob).")
+
+    # file extension -> format, per kind; ``format_for`` reads it (first match wins, ``.gz`` ignored)
+    EXTENSION_FORMATS: ClassVar[dict[str, str]] = {}
+
+    def format_for(self, path: str) -> str:
+        """The file format of ``path``: the configured ``format``, else inferred from its extension."""
+        configured = getattr(self, "format", None)
+        if configured is not None:
+            return configured
+        name = path.lower().removesuffix(".gz")
+        for ext, fmt in self.EXTENSION_FORMATS.items():
+            if name.endswith(ext):
+                return fmt
+        choices = ", ".join(dict.fromkeys(self.EXTENSION_FORMATS.values()))
+        raise ValueError(f"cannot infer the format of {path!r} from its extension: set data.format ({choices})")
 
 
 class ValidateConfig(Section):
@@ -142,6 +157,28 @@ def train_section_for(arch: Arch, raw: dict[str, Any] | None) -> dict[str, Any]:
     return {**ARCH_DEFAULTS[arch], **{k: v for k, v in scoped.items() if v is not None}, **raw}
 
 
+def with_arch_defaults(raw: Any, default_arch: Arch, max_length: dict[str, int] | None = None) -> Any:
+    """A raw recipe with its encoder-dependent defaults filled: ``model.arch`` (``default_arch`` when
+    left out), the ``train`` section (:func:`train_section_for`) and, given ``max_length`` (per arch),
+    ``tokenizer.max_length``. A section of the wrong type or an unknown arch is left for validation to name.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    # a section given as an object (Python callers) counts with the keys it was given
+    sections = [v.model_dump(exclude_unset=True, by_alias=True) if isinstance(v, BaseModel) else v
+                for v in (raw.get(k) for k in ("model", "train", "tokenizer"))]
+    if any(v is not None and not isinstance(v, dict) for v in sections):
+        return raw
+    model, train, tokenizer = sections
+    model = {"arch": default_arch, **(model or {})}
+    if model["arch"] not in ARCH_DEFAULTS:
+        return {**raw, "model": model}
+    out = {**raw, "model": model, "train": train_section_for(model["arch"], train)}
+    if max_length is not None:
+        out["tokenizer"] = {"max_length": max_length[model["arch"]], **(tokenizer or {})}
+    return out
+
+
 class EvaluateConfig(Section):
     """The release gate."""
 
@@ -153,9 +190,24 @@ class EvaluateConfig(Section):
 
 
 class DeployConfig(Section):
-    """Registry settings."""
+    """Registry settings and the release checks: infra validation (a canary server), the live server, the lock."""
 
     model_name: str | None = Field(default=None, description="Registered model name; defaults to the recipe's name.")
+    canary: bool = Field(
+        default=True, description="Infra validation: serve the challenger in a real `nightshift serve` process on a free "
+                                  "loopback port before champion moves; it must answer exactly the offline predictions.")
+    canary_size: int = Field(default=32, ge=1, le=1000, description="Test inputs sent to the canary server (one request each, then one batch).")
+    canary_start_timeout_s: float = Field(default=180.0, gt=0, le=3600, description="Seconds the canary server may take to load the model and answer /ready.")
+    max_p99_ms: float = Field(default=5000.0, gt=0, le=600_000, description="Fail infra validation when the canary's p99 latency of single-input requests exceeds this (ms). Generous by default: on two shared cores a healthy scratch model has shown p99 ≈ 1.7 s.")
+    max_rss_mb: float = Field(default=4096.0, gt=0, le=1_048_576, description="Fail infra validation when the canary server process uses more resident memory than this (MiB).")
+    server_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="A live `nightshift serve` for this model: after champion moves it is told to /reload and must "
+                    "report the new version within switch_timeout_s, else the aliases go back.")
+    switch_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Seconds the live server (server_url) may take to serve the new champion.")
+    lock_timeout_s: float = Field(
+        default=900.0, ge=0, le=86_400,
+        description="Seconds a run waits for another run's release lock on the same model (0: refuse at once).")
 
 class RecipeBase(Section):
     """What every kind's recipe has besides its own sections."""

@@ -1,7 +1,9 @@
 """The release gate and the classification report every classifier kind shares.
 
 The challenger must reach ``evaluate.min_score`` on the primary metric and must not fall more than
-``evaluate.max_regression`` below the champion re-scored on the same test split.
+``evaluate.max_regression`` below the champion re-scored on the same test split. A multi-task
+challenger is gated per task (:func:`gate_tasks`): every task by its own rule, and it passes only
+when none fails.
 """
 
 from __future__ import annotations
@@ -69,6 +71,59 @@ def gate(challenger: float, champion: float | None, champion_version: str | None
                 f"of champion v{champion_version} ({champion:.4f})"),
         **common,
     )
+
+
+class TasksGateDecision(GateDecision):
+    """The gate of a multi-task challenger: every task gated on its own, and passed only when all pass.
+
+    ``tasks`` holds each task's own decision (its primary metric, ``min_score`` and ``max_regression``
+    against the champion's same task re-scored on the same test split); ``failed`` names the tasks that
+    did not pass. ``metric`` is ``"every task"`` and ``challenger`` the fraction of tasks that passed.
+    """
+
+    tasks: dict[str, GateDecision] = Field(description="Each task's own gate decision, by task name.")
+    failed: list[str] = Field(default_factory=list, description="The tasks whose gate failed, in recipe order.")
+
+
+NO_TASK_MAY_REGRESS = ("every task must reach its own min_score and no task may fall more than its own "
+                       "max_regression below the champion's same task")
+
+
+def gate_tasks(decisions: dict[str, GateDecision]) -> TasksGateDecision:
+    """Combine per-task decisions: the challenger passes only when every task passes; the reason names the failures.
+
+    Every task must have been judged against the same champion version (or none): ValueError otherwise.
+    """
+    if not decisions:
+        raise ValueError("gate_tasks needs at least one task decision")
+    failed = [name for name, d in decisions.items() if not d.passed]
+    passed = len(decisions) - len(failed)
+    versions = {d.champion_version for d in decisions.values() if d.champion_version is not None}
+    if len(versions) > 1:
+        # one multi-task model, one champion: tasks judged against different versions cannot be combined
+        raise ValueError("gate_tasks: the tasks were judged against different champion versions ("
+                         + ", ".join(f"{name}: v{d.champion_version}" for name, d in decisions.items()
+                                     if d.champion_version is not None) + "); re-evaluate them against one champion")
+    if failed:
+        reason = (f"{len(failed)} of {len(decisions)} tasks failed the gate ({NO_TASK_MAY_REGRESS}): "
+                  + "; ".join(f"{name}: {decisions[name].reason}" for name in failed))
+    else:
+        reason = f"all {len(decisions)} tasks passed ({NO_TASK_MAY_REGRESS}): " + "; ".join(
+            f"{name}: {d.reason}" for name, d in decisions.items())
+    return TasksGateDecision(passed=not failed, reason=reason, metric="every task", challenger=passed / len(decisions),
+                             champion=None, champion_version=next(iter(versions), None),
+                             tasks=dict(decisions), failed=failed)
+
+
+def tasks_gate_markdown(decision: TasksGateDecision) -> str:
+    """The per-task gate as a markdown table, under the rule it applies."""
+    lines = [f"# Release gate: {'pass' if decision.passed else '**fail**'}\n",
+             f"Rule: {NO_TASK_MAY_REGRESS}.\n", f"{decision.reason}\n",
+             "| task | metric | challenger | champion | passed | reason |", "|---|---|---|---|---|---|"]
+    for name, d in decision.tasks.items():
+        champion = "—" if d.champion is None else f"{d.champion:.4f} (v{d.champion_version})"
+        lines.append(f"| {name} | {d.metric} | {d.challenger:.4f} | {champion} | {'yes' if d.passed else '**no**'} | {d.reason} |")
+    return "\n".join(lines) + "\n"
 
 
 def confusion_png(y_true: list[str], y_pred: list[str], labels: list[str], path: Path) -> list[list[int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core import tracking
+from tasks.core.config import flatten
 from tasks.core.settings import get_settings
 from tasks.core.store import ArtifactStore, DataError, StageError, StageRef
 
@@ -63,13 +65,15 @@ def store() -> ArtifactStore:
 
 
 def git_commit() -> str:
-    """Commit of the working tree the code runs from, or 'unknown' outside git."""
+    """Commit of the working tree the code runs from; outside git (an installed image) NIGHTSHIFT_GIT_COMMIT,
+    which infra/Dockerfile bakes in from its GIT_COMMIT build argument; else 'unknown'."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = ""
+    return commit or os.environ.get("NIGHTSHIFT_GIT_COMMIT", "").strip() or "unknown"
 
 
 PREP_SLOTS = ("ingest", "validate", "clean", "split", "encode", "augment")
@@ -154,13 +158,22 @@ def resumed_from(trained: StageRef) -> int | None:
 DATASET_DIGEST_LENGTH = 12  # MLflow keeps at most 36 characters of a dataset digest; the logs show 12 too
 
 
+def data_paths(recipe: Any) -> tuple[str, str | None]:
+    """The recipe's train and test paths; a recipe of several tasks (no ``data`` of its own) lists its tasks' joined by ", "."""
+    data = getattr(recipe, "data", None)
+    if data is not None:
+        return data.train_path, data.test_path
+    subs = list(recipe.sub_recipes().values())
+    return ", ".join(s.data.train_path for s in subs), ", ".join(s.data.test_path or "-" for s in subs)
+
+
 def log_data_input(run_id: str | None, recipe: Any, fingerprint: str, rows: dict[str, int], context: str) -> None:
     """Name the run's data in MLflow's Dataset column: the recipe's data, the data fingerprint as digest."""
     if run_id is None:
         return
-    train_path = recipe.data.train_path
-    source = train_path if "://" in train_path else str(Path(train_path).expanduser().resolve())
-    profile = {"rows": dict(rows), "train_path": train_path, "test_path": recipe.data.test_path,
+    train_path, test_path = data_paths(recipe)
+    source = ", ".join(p if "://" in p else str(Path(p).expanduser().resolve()) for p in train_path.split(", "))
+    profile = {"rows": dict(rows), "train_path": train_path, "test_path": test_path,
                "fingerprint": fingerprint}
     tracking.log_dataset(run_id, name=recipe.name, digest=fingerprint[:DATASET_DIGEST_LENGTH], source=source,
                          context=context, profile=profile)
@@ -172,11 +185,8 @@ def build_summary(
 ) -> dict[str, Any]:
     """The run summary, with the documented fields of ``--summary-json``."""
     stages = {**data.stages, "train": trained.stage, "evaluate": evaluated.stage}
-    split = data.stages["split"].rows
-    accepted = sum(split.get(k, 0) for k in ("train", "validation", "test"))
-    rejected = sum(ref.rows.get("rejected", 0) for ref in data.stages.values())
     release = deployed.release
-    return {
+    summary = {
         "status": "completed",
         "recipe": recipe.name,
         "mlflow": {
@@ -185,12 +195,7 @@ def build_summary(
             "stage_runs": {"prep": data.run_id, "train": trained.run_id, "evaluate": evaluated.run_id,
                            "deploy": deployed.run_id},
         },
-        "data": {
-            "fingerprint": data.fingerprint,
-            "rows": {"input": data.stages["ingest"].rows.get("input", accepted + rejected), "accepted": accepted,
-                     "rejected": rejected, "train": split.get("train", 0), "validation": split.get("validation", 0),
-                     "test": split.get("test", 0)},
-        },
+        "data": {"fingerprint": data.fingerprint, "rows": data_rows(data.stages)},
         "metrics": {"test": dict(evaluated.stage.extra["test"])},
         "train": {"resumed_from_epoch": resumed_from(trained.stage),
                   "best_epoch": trained.stage.extra.get("metrics", {}).get("best_epoch"),
@@ -203,6 +208,36 @@ def build_summary(
         "timings_s": {**{name: round(ref.extra.get("seconds", 0.0), 3) for name, ref in stages.items()},
                       "total": round(total_seconds, 3)},
     }
+    _per_task(summary, data, evaluated)
+    return summary
+
+
+def data_rows(stages: dict[str, StageRef]) -> dict[str, int]:
+    """Row accounting of the prep stages: input = accepted + rejected, accepted = train + validation + test."""
+    split = stages["split"].rows
+    accepted = sum(split.get(k, 0) for k in ("train", "validation", "test"))
+    rejected = sum(ref.rows.get("rejected", 0) for ref in stages.values())
+    return {"input": stages["ingest"].rows.get("input", accepted + rejected), "accepted": accepted,
+            "rejected": rejected, "train": split.get("train", 0), "validation": split.get("validation", 0),
+            "test": split.get("test", 0)}
+
+
+def _per_task(summary: dict[str, Any], data: PreparedData, evaluated: Evaluated) -> None:
+    """A run of several tasks (an evaluation with ``tasks_test``): metrics.test.<task>.<metric>,
+    decision.tasks.<task> {passed, reason}, data.rows.tasks.<task> with the same accounting per task, and
+    cache_tasks.<task>.<prep stage> (hit or miss: a change to one task's data re-prepares that task only)."""
+    nested = evaluated.stage.extra.get("tasks_test")
+    if nested is None:
+        return
+    summary["metrics"]["test"] = {name: dict(values) for name, values in nested.items()}
+    decision = evaluated.stage.extra["decision"]
+    summary["decision"]["tasks"] = {name: {"passed": d["passed"], "reason": d["reason"]}
+                                    for name, d in decision.get("tasks", {}).items()}
+    summary["cache_tasks"] = {name: {stage: "hit" if ref.extra["tasks"][name].get("cache_hit") else "miss"
+                                     for stage, ref in data.stages.items()} for name in nested}
+    summary["data"]["rows"]["tasks"] = {
+        name: data_rows({stage: StageRef.model_validate(ref.extra["tasks"][name]) for stage, ref in data.stages.items()})
+        for name in nested}
 
 
 def resumed_line(summary: dict[str, Any]) -> str:
@@ -217,7 +252,7 @@ def summary_markdown(summary: dict[str, Any], run_urls: dict[str, str] | None = 
     ``run_urls`` maps ``pipeline`` and the stage runs (``prep``, ``train``, ...) to
     :func:`tracking.run_url`; on a tracking server those are UI pages, and the MLflow line links them.
     """
-    test = " · ".join(f"{k} **{v:.4f}**" for k, v in summary["metrics"]["test"].items())
+    test = " · ".join(f"{k} **{v:.4f}**" for k, v in flatten(summary["metrics"]["test"]).items())
     decision = summary["decision"]
     cache = ", ".join(f"{k}: {v}" for k, v in summary["cache"].items())
     links = {name: url for name, url in (run_urls or {}).items() if url.startswith(("http://", "https://"))}
@@ -233,12 +268,23 @@ def summary_markdown(summary: dict[str, Any], run_urls: dict[str, str] | None = 
         f"- test: {test}\n"
         f"- model: `{summary['model']['uri']}` — {'**promoted**' if decision['promoted'] else 'not promoted'}: "
         f"{decision['reason']} (champion {decision['champion_before']} → {decision['champion_after']})\n"
+        f"{tasks_gate_line(decision)}"
         f"- data: fingerprint `{summary['data']['fingerprint'][:12]}`, rows {summary['data']['rows']}\n"
         f"- cache: {cache}\n"
         f"{resumed_line(summary)}"
         f"{mlflow_line}"
         f"- total time: {summary['timings_s']['total']:.1f} s\n"
     )
+
+
+def tasks_gate_line(decision: dict[str, Any]) -> str:
+    """The markdown line of a per-task gate: every task must pass, and which did not ("" for one task)."""
+    tasks = decision.get("tasks")
+    if not tasks:
+        return ""
+    verdicts = ", ".join(f"{name} {'pass' if d['passed'] else '**FAIL**'}" for name, d in tasks.items())
+    return (f"- gate per task (every task must reach its own min_score; **no task may regress** beyond its own "
+            f"max_regression against the champion's same task): {verdicts}\n")
 
 
 def _stage_line(ref: StageRef) -> str:
@@ -270,7 +316,7 @@ def brief(result: Any) -> str:
                  f"  MLflow run {result.run_id}"]
     else:  # the pipeline's summary
         s = result
-        test = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"]["test"].items())
+        test = ", ".join(f"{k} {v:.4f}" for k, v in flatten(s["metrics"]["test"]).items())
         cache = ", ".join(f"{k} {v}" for k, v in s["cache"].items())
         resumed = s.get("train", {}).get("resumed_from_epoch")
         lines = [f"nightshift-pipeline {s['recipe']}: {s['status']} in {s['timings_s']['total']:.1f} s",

@@ -33,10 +33,7 @@ class NightshiftModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around a kind's predictor (``bundle.json``: ``predictor = "module:Class"``)."""
 
     def load_context(self, context: Any) -> None:
-        bundle = Path(context.artifacts["bundle"])
-        meta = json.loads((bundle / "bundle.json").read_text())
-        module, _, name = meta["predictor"].partition(":")
-        self.predictor = getattr(importlib.import_module(module), name).from_bundle(bundle)
+        self.predictor = load_predictor(Path(context.artifacts["bundle"]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
@@ -44,9 +41,42 @@ class NightshiftModel(mlflow.pyfunc.PythonModel):
         return self.predictor.predict(model_input)
 
 
-def signature(input_column: str) -> ModelSignature:
-    """Variable-length input (a string column, or a list of ints for pixels); label, score and probabilities out."""
+def load_predictor(bundle: Path) -> Any:
+    """The predictor class named in ``bundle.json`` (``"module:Class"``), loaded from the bundle folder."""
+    meta = json.loads((bundle / "bundle.json").read_text())
+    module, _, name = meta["predictor"].partition(":")
+    return getattr(importlib.import_module(module), name).from_bundle(bundle)
+
+
+def bundle_dir(model_dir: Path) -> Path:
+    """The bundle folder inside a downloaded logged model (where the pyfunc keeps its ``bundle`` artifact)."""
+    flavor = mlflow.models.Model.load(str(model_dir)).flavors.get("python_function", {})
+    relative = (flavor.get("artifacts", {}).get("bundle") or {}).get("path", "artifacts/bundle")
+    return model_dir / relative
+
+
+def input_example(model_dir: Path, column: str) -> list[Any] | None:
+    """The inputs of the example logged with the model (its ``column``), or None when it has none."""
+    example = mlflow.models.Model.load(str(model_dir)).load_input_example(str(model_dir))
+    if isinstance(example, pd.DataFrame) and column in example.columns:
+        return example[column].tolist()
+    return None
+
+
+def signature(input_column: str, task: str = "text-classification") -> ModelSignature:
+    """Variable-length input (a string column, or a list of ints for pixels); what the kind answers with.
+
+    Classifiers declare label, label_name, score and probabilities. A token model takes ``text`` or
+    pre-split ``tokens`` (either may be absent) and answers with nested entity lists, and a multi-task
+    model with one column per head: their outputs are documented by their predictors, not declared here,
+    rather than declared wrongly.
+    """
+    if task == "token-classification":
+        return ModelSignature(inputs=Schema([ColSpec("string", "text", required=False),
+                                             ColSpec(Array("string"), "tokens", required=False)]))
     column = ColSpec("string", input_column) if input_column == "text" else ColSpec(Array("long"), input_column)
+    if task == "multi-task":
+        return ModelSignature(inputs=Schema([column]))
     return ModelSignature(
         inputs=Schema([column]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("string", "label_name"), ColSpec("double", "score"),
@@ -84,7 +114,7 @@ def log_model(run_id: str, bundle_dir: Path, input_column: str, examples: list[A
             python_model=NightshiftModel(),
             artifacts={"bundle": str(bundle_dir)},
             code_paths=code,
-            signature=signature(input_column),
+            signature=signature(input_column, task),
             input_example=pd.DataFrame({input_column: examples[:3]}),
             pip_requirements=pip_requirements(),
             metadata={"labels": labels, "task": task, "predictor": meta["predictor"], **extra},

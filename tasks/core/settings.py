@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     nightshift_home: Path = Field(default=Path(".nightshift"), description="Root of artifacts, checkpoints and the embedded MLflow store.")
     mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking server; default sqlite under NIGHTSHIFT_HOME.")
     mlflow_registry_uri: str | None = Field(default=None, description="MLflow registry URI; defaults to the tracking URI.")
+    nightshift_alert_webhook: str | None = Field(
+        default=None, description="POST a JSON notification here after every pipeline run (success or failure); unset: none is sent.")
+    nightshift_alert_timeout_s: float = Field(default=5.0, gt=0, le=120, description="Seconds an alert POST may take.")
 
     @property
     def home(self) -> Path:
@@ -33,6 +36,10 @@ class Settings(BaseSettings):
     @property
     def checkpoints_root(self) -> Path:
         return self.home / "checkpoints"
+
+    @property
+    def locks_root(self) -> Path:
+        return self.home / "locks"
 
     @property
     def tracking_uri(self) -> str:

@@ -261,6 +261,12 @@ def bounded(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:keep]}… ({len(text) - keep} more characters)"
 
 
+def one_line(exc: BaseException, limit: int = ECHO_LIMIT) -> str:
+    """An exception's message as one line of at most ``limit`` characters (see :func:`bounded`): runs of
+    whitespace, line breaks included, become one space; a message-less exception reads as its type name."""
+    return bounded(" ".join(str(exc).split()) or type(exc).__name__, limit)
+
+
 class DataError(ValueError):
     """Bad input a user can fix: the message names the file (and row or key) and the problem.
 

@@ -62,6 +62,7 @@ def configure(settings: Settings | None = None) -> str:
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         settings.home.mkdir(parents=True, exist_ok=True)
+        _create_embedded_store(uri, settings)
     exported = {var: os.environ.get(var) for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(settings.mlflow_registry_uri or uri)
@@ -73,6 +74,27 @@ def configure(settings: Settings | None = None) -> str:
         else:
             os.environ[var] = value
     return uri
+
+
+_CREATED: set[str] = set()  # embedded stores this process has made sure exist
+
+
+def _create_embedded_store(uri: str, settings: Settings) -> None:
+    """Create the embedded SQLite store's tables once, under a file lock.
+
+    Two processes opening a fresh store at once (two `nightshift run` started together) would both run
+    MLflow's migrations and one fails with "table ... already exists"; the lock makes the second find
+    the tables made.
+    """
+    if uri in _CREATED:
+        return
+    from tasks.core.lock import release_lock
+
+    with release_lock(settings.home / "locks", "mlflow-db", 600, {"pid": os.getpid(), "command": "create MLflow store"}):
+        store = MlflowClient(tracking_uri=uri, registry_uri=settings.mlflow_registry_uri or uri)
+        store.search_experiments(max_results=1)
+        store.search_registered_models(max_results=1)
+    _CREATED.add(uri)
 
 
 def client() -> MlflowClient:
@@ -211,12 +233,16 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, context: str =
     client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
+UI_WORKFLOW = "workflowType=machine_learning"
+
+
 def run_url(run_id: str) -> str:
     """Where a person finds the run: a UI link on a server, the run id on the embedded store."""
     run = client().get_run(run_id)
     uri = mlflow.get_tracking_uri()
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        # the UI's sidebar defaults to its GenAI workflow (traces, prompts) unless the link asks for model training
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}?{UI_WORKFLOW}"
     return f"{uri} (experiment {run.info.experiment_id}, run {run_id})"
 
 
@@ -273,6 +299,60 @@ def delete_alias(name: str, alias: str) -> None:
 def version_info(name: str, version: str) -> dict[str, Any]:
     v = client().get_model_version(name, version)
     return {"version": str(v.version), "run_id": v.run_id, "source": v.source, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+def _missing(exc: MlflowException) -> bool:
+    """True when ``exc`` says the thing asked for does not exist; any other failure (auth, network, a
+    broken store) is not an answer and must propagate."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+@retry
+def model_tags(name: str) -> dict[str, str]:
+    """The registered model's own tags (empty when the model does not exist; other errors propagate)."""
+    try:
+        return dict(client().get_registered_model(name).tags)
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise
+        return {}
+
+
+@retry
+def set_model_tag(name: str, key: str, value: str) -> None:
+    """Set one tag on the registered model (values up to 5000 characters on a SQL store)."""
+    client().set_registered_model_tag(name, key, value)
+
+
+@retry
+def model_exists(name: str) -> bool:
+    """Whether registered model ``name`` exists (errors other than "does not exist" propagate)."""
+    try:
+        client().get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise
+        return False
+
+
+def input_example(model_uri: str) -> list[Any] | None:
+    """The inputs of the input example logged with a model (one column's values), or None when it has none."""
+    example = mlflow.models.Model.load(model_uri).load_input_example(model_uri)
+    if example is None:
+        return None
+    if hasattr(example, "columns"):
+        return example[example.columns[0]].tolist()
+    if isinstance(example, dict):
+        return list(next(iter(example.values())))
+    return list(example)
+
+
+@retry
+def download_model_version(name: str, version: str, dst: Path) -> Path:
+    """Download registered version ``version`` of ``name`` (the whole logged model) into ``dst``; return the folder."""
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
 
 
 def load_pyfunc(model_uri: str) -> Any:

@@ -7,31 +7,24 @@ and ``tokenizer.max_length``), so ``--set model.arch=pretrained`` alone gives a 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from models.encoders import EncoderConfig
-from tasks.core.config import DataSource, RecipeBase, Section, train_section_for
+from tasks.core.config import DataSource, RecipeBase, Section, with_arch_defaults
 
 TextFormat = Literal["csv", "tsv", "jsonl", "parquet"]
 MAX_LENGTH_DEFAULTS = {"scratch": 64, "pretrained": 128}
 
-_EXTENSION_FORMATS: dict[str, str] = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".txt": "tsv",
-    ".label": "tsv",
-    ".jsonl": "jsonl",
-    ".json": "jsonl",
-    ".ndjson": "jsonl",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-
 
 class DataConfig(DataSource):
     """Where the labelled data is and how to read it."""
+
+    EXTENSION_FORMATS: ClassVar[dict[str, str]] = {
+        ".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".label": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+        ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
+    }
 
     format: TextFormat | None = Field(
         default=None, description="File format: csv, tsv, jsonl or parquet. Inferred from the extension when omitted."
@@ -64,16 +57,6 @@ class DataConfig(DataSource):
         if self.columns is not None and len(set(self.columns)) != len(self.columns):
             raise ValueError(f"data.columns has duplicate names: {self.columns}")
         return self
-
-    def format_for(self, path: str) -> TextFormat:
-        """The file format of ``path``: the configured one, else inferred from its extension."""
-        if self.format is not None:
-            return self.format
-        name = path.lower().removesuffix(".gz")
-        for ext, fmt in _EXTENSION_FORMATS.items():
-            if name.endswith(ext):
-                return fmt  # type: ignore[return-value]
-        raise ValueError(f"cannot infer the format of {path!r} from its extension: set data.format")
 
 
 class CleanConfig(Section):
@@ -133,15 +116,4 @@ class TextRecipe(RecipeBase):
     @classmethod
     def _defaults_per_arch(cls, raw: Any) -> Any:
         """Fill the encoder-dependent defaults the recipe leaves out (train.*, tokenizer.max_length)."""
-        if not isinstance(raw, dict):
-            return raw
-        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-        arch = model.get("arch", "scratch")
-        if arch not in MAX_LENGTH_DEFAULTS:
-            return raw  # validation names the bad arch
-        train = raw.get("train")
-        if train is not None and not isinstance(train, dict):
-            return raw  # validation names the bad section
-        tokenizer = raw.get("tokenizer") if isinstance(raw.get("tokenizer"), dict) else {}
-        return {**raw, "train": train_section_for(arch, train),
-                "tokenizer": {"max_length": MAX_LENGTH_DEFAULTS[arch], **tokenizer}}
+        return with_arch_defaults(raw, "scratch", MAX_LENGTH_DEFAULTS)

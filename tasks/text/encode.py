@@ -41,6 +41,7 @@ from tokenizers import (
 )
 
 from models.encoders import EncoderConfig, checkpoint_digest, resolve_pretrained
+from tasks.core.encoding import LABELS_FILE, STATS_FILE, TOKENIZER_FILE, store_encoded
 from tasks.core.labels import label_ids, label_map
 from tasks.core.rejects import rejects_schema, rejects_table
 from tasks.core.store import ArtifactStore, DataError, StageRef, stage_key
@@ -51,8 +52,6 @@ STAGE = "encode"
 SPLITS = ("train", "validation", "test")
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4 in this order
-TOKENIZER_FILE = "tokenizer.json"
-LABELS_FILE = "labels.json"
 IDS_TYPE = pa.list_(pa.int32())
 SCHEMA = pa.schema(
     [
@@ -396,16 +395,10 @@ def run(recipe: TextRecipe, split_ref: StageRef, store: ArtifactStore, force: bo
         "tokenizer_file": TOKENIZER_FILE,
         "labels_file": LABELS_FILE,
         "metrics": metrics,
-        "log_files": [TOKENIZER_FILE, LABELS_FILE, "token_stats.json"],
+        "log_files": [TOKENIZER_FILE, LABELS_FILE, STATS_FILE],
     }
-    with store.writer(key) as w:
-        tokenizer.save(str(w.path / TOKENIZER_FILE))
-        w.write_json(LABELS_FILE, mapping)
-        for name in SPLITS:
-            w.write_table(f"{name}.parquet", encoded[name])
-        w.write_table("rejects.parquet", rejects)
-        w.write_json("token_stats.json", stats)
-        return w.write_manifest(rows=rows, extra=extra)
+    return store_encoded(store, key, tokenizer=tokenizer, labels=mapping, splits={n: encoded[n] for n in SPLITS},
+                         rejects=rejects, stats=stats, rows=rows, extra=extra)
 
 
 def load_tokenizer(ref: StageRef) -> Tokenizer:

@@ -262,7 +262,8 @@ def test_runs_and_champion_are_on_the_mlflow_server(triggered, served, stack, pr
 
     [artifact] = [a for a in prefect.read_artifacts(
         artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))) if a.type == "markdown"]
-    page = f"{uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+    page = (f"{uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+            "?workflowType=machine_learning")  # opens in the UI's model-training workflow, not GenAI
     assert f"[open the run in MLflow]({page})" in artifact.data
 
 

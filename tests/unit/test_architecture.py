@@ -28,8 +28,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "models", "flows")
-KIND_PACKAGES = ("tasks.text", "tasks.vision", "tasks.tokens")
-PREDICTORS = ("tasks.text.predict", "tasks.vision.predict", "tasks.core.packaging")
+KIND_PACKAGES = ("tasks.text", "tasks.vision", "tasks.tokens", "tasks.multi")
+PREDICTORS = ("tasks.text.predict", "tasks.vision.predict", "tasks.tokens.predict", "tasks.multi.predict",
+              "tasks.core.packaging")
 
 
 # ---------------------------------------------------------------------------------------------- the graph

@@ -37,13 +37,14 @@ PREFECT_FILE = ROOT / "prefect.yaml"
 DOCKERFILE = ROOT / "infra" / "Dockerfile"
 CONFIGS = ROOT / "configs"
 
-SERVICES = {"postgres", "prefect-server", "prefect-worker", "mlflow"}
+SERVICES = {"postgres", "prefect-server", "prefect-worker", "mlflow", "model-server"}
 # the variables docker compose requires (the same names `nightshift stack` reads)
 SECRETS = {
     "NIGHTSHIFT_POSTGRES_PASSWORD": "dummy-pg-4f1c",
     "PREFECT_SERVER_API_AUTH_STRING": "admin:dummy-prefect-9a7e",
     "NIGHTSHIFT_MLFLOW_ADMIN_PASSWORD": "dummy-mlflow-2b6d",
     "MLFLOW_FLASK_SERVER_SECRET_KEY": "dummy-flask-77c0",
+    "NIGHTSHIFT_SERVE_TOKEN": "dummy-serve-5e3a",
 }
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|AUTH_STRING|SECRET|TOKEN|API_KEY|PRIVATE_KEY")
 REQUIRED_REF = re.compile(r"^\$\{(?P<var>[A-Z0-9_]+):\?[^}]+\}$")
@@ -130,7 +131,8 @@ def test_every_service_has_a_healthcheck(resolved: dict[str, Any]) -> None:
 
 def test_dependents_wait_for_healthy_services(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    expected = {"prefect-server": {"postgres"}, "mlflow": {"postgres"}, "prefect-worker": {"prefect-server", "mlflow"}}
+    expected = {"prefect-server": {"postgres"}, "mlflow": {"postgres"}, "prefect-worker": {"prefect-server", "mlflow"},
+                "model-server": {"mlflow"}}
     for name, needs in expected.items():
         assert needs <= set(services[name].get("depends_on", {})), f"{name} must depend on {sorted(needs)}"
     for name, service in services.items():
@@ -152,6 +154,7 @@ def test_ports_bind_loopback_only(resolved: dict[str, Any]) -> None:
             assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond loopback"
             published[name] = port["target"]
     assert published.get("prefect-server") == 4200 and published.get("mlflow") == 5000, published
+    assert published.get("model-server") == 8000, published
     assert "postgres" not in published and "prefect-worker" not in published, published
 
 
@@ -249,8 +252,12 @@ def test_config_fails_naming_an_unset_secret(compose: list[str], tmp_path: Path,
     assert missing in result.stderr, result.stderr
 
 
-def test_model_server_placeholder() -> None:
-    assert re.search(r"^\s*#\s*model-server:", COMPOSE_FILE.read_text(encoding="utf-8"), re.MULTILINE)
+def test_model_server_serves_the_champion_and_is_ready_checked(resolved: dict[str, Any]) -> None:
+    service = resolved["services"]["model-server"]
+    assert service["command"][:2] == ["nightshift", "serve"], service["command"]
+    assert service["environment"]["NIGHTSHIFT_SERVE_ALIAS"] == "champion"
+    assert service["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "/ready" in " ".join(service["healthcheck"]["test"])
 
 
 def test_dockerignore_keeps_local_state_out() -> None:

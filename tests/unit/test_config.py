@@ -9,7 +9,9 @@ import pytest
 
 from tasks.core.config import ARCH_DEFAULTS, RecipeError, apply_overrides, flatten
 from tasks.registry import load_recipe, recipe_from_dict
+from tasks.multi.config import MultiRecipe
 from tasks.text.config import TextRecipe
+from tasks.tokens.config import TokenRecipe
 from tasks.vision.config import ImageRecipe
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -26,7 +28,7 @@ def test_every_recipe_loads(path: Path) -> None:
 
 def test_recipes_of_both_kinds_are_shipped() -> None:
     kinds = {type(load_recipe(p)) for p in CONFIGS}
-    assert kinds == {TextRecipe, ImageRecipe}
+    assert kinds == {TextRecipe, ImageRecipe, TokenRecipe, MultiRecipe}
     assert {p.name for p in TEXT_CONFIGS} >= {"sst2.yaml", "trec.yaml", "sst2-minilm.yaml", "trec-minilm.yaml"}
 
 

@@ -101,20 +101,42 @@ def test_promoting_the_champion_again_changes_nothing(registry: MlflowClient) ->
     assert aliases() == {"champion": "2", "previous": "1"}  # previous is not overwritten with the champion
 
 
-def test_rollback_swaps_champion_and_previous(registry: MlflowClient) -> None:
-    versions(registry, 2)
+def test_rollback_walks_back_along_the_history(registry: MlflowClient) -> None:
+    versions(registry, 3)
     deploy.promote(NAME, "1")
     deploy.promote(NAME, "2")
+    deploy.promote(NAME, "3")
+    assert deploy.rollback(NAME) == ("3", "2")
+    assert aliases() == {"champion": "2", "previous": "3"}
+    assert deploy.rollback(NAME) == ("2", "1")  # a second rollback goes one further back, not to 3 again
+    assert aliases() == {"champion": "1", "previous": "2"}
+    with pytest.raises(deploy.ReleaseError, match="first version in its alias history"):
+        deploy.rollback(NAME)
+    assert aliases() == {"champion": "1", "previous": "2"}
+
+
+def test_rollback_to_a_version_then_one_step_returns(registry: MlflowClient) -> None:
+    versions(registry, 3)
+    deploy.promote(NAME, "1")
+    deploy.promote(NAME, "3")
+    assert deploy.rollback(NAME, to="2") == ("3", "2")
+    assert deploy.rollback(NAME) == ("2", "3")  # --to is a forward jump in the history; one step undoes it
+    with pytest.raises(deploy.ReleaseError, match="already the champion"):
+        deploy.rollback(NAME, to="3")
+
+
+def test_rollback_without_history_falls_back_to_previous(registry: MlflowClient) -> None:
+    versions(registry, 2)
+    tracking.set_alias(NAME, "champion", "2")  # moved outside Nightshift: no history
+    tracking.set_alias(NAME, "previous", "1")
     assert deploy.rollback(NAME) == ("2", "1")
     assert aliases() == {"champion": "1", "previous": "2"}
-    assert deploy.rollback(NAME) == ("1", "2")  # a second rollback undoes the first
-    assert aliases() == {"champion": "2", "previous": "1"}
 
 
 def test_rollback_without_previous_fails_and_keeps_the_champion(registry: MlflowClient) -> None:
     versions(registry, 1)
     deploy.promote(NAME, "1")
-    with pytest.raises(deploy.ReleaseError, match="no 'previous' version"):
+    with pytest.raises(deploy.ReleaseError, match="nothing to roll back to"):
         deploy.rollback(NAME)
     assert aliases() == {"champion": "1", "previous": None}
 
@@ -133,34 +155,34 @@ def test_restore_aliases_sets_and_removes(registry: MlflowClient) -> None:
 # ---------------------------------------------------------------------------------------------- release
 
 
-class Smoke:
-    """A smoke test that records which version the champion alias held when it ran."""
+class Check:
+    """A validation (or live-server) check that records the champion alias when it ran."""
 
-    def __init__(self, fail: bool = False, seconds: float = 0.25):
-        self.fail, self.seconds, self.calls = fail, seconds, []
+    def __init__(self, fail: bool = False, result: Any = None):
+        self.fail, self.result, self.calls = fail, result, []
 
-    def __call__(self, uri: str) -> float:
-        self.calls.append((uri, tracking.alias_version(NAME, "champion")))
+    def __call__(self, version: str) -> Any:
+        self.calls.append((version, tracking.alias_version(NAME, "champion")))
         if self.fail:
-            raise RuntimeError("served predictions differ at rows [3]")
-        return self.seconds
+            raise RuntimeError("infra validation failed: predictions: served predictions differ at canary rows [3]")
+        return self.result
 
 
-def test_release_promotes_when_the_gate_passed_and_smokes_through_the_alias(registry: MlflowClient) -> None:
+def test_release_validates_before_moving_the_alias(registry: MlflowClient) -> None:
     versions(registry, 2)
     deploy.promote(NAME, "1")
-    smoke = Smoke()
-    outcome = deploy.release(NAME, "2", True, "accuracy 0.91 >= 0.80", smoke=smoke)
-    assert outcome == deploy.Release(promoted=True, reason="accuracy 0.91 >= 0.80", champion_before="1",
-                                     champion_after="2", smoke_seconds=0.25)
-    assert smoke.calls == [(f"models:/{NAME}@champion", "2")]  # the smoke test saw the new champion
+    check = Check(result={"p99_ms": 12.0})
+    outcome = deploy.release(NAME, "2", True, "accuracy 0.91 >= 0.80", validate=check)
+    assert (outcome.promoted, outcome.reason, outcome.champion_before, outcome.champion_after, outcome.canary) == (
+        True, "accuracy 0.91 >= 0.80", "1", "2", {"p99_ms": 12.0})
+    assert check.calls == [("2", "1")]  # the challenger was validated while champion still held v1
     assert aliases() == {"champion": "2", "previous": "1"}
 
 
-def test_first_release_without_smoke(registry: MlflowClient) -> None:
+def test_first_release_without_checks(registry: MlflowClient) -> None:
     versions(registry, 1)
     outcome = deploy.release(NAME, "1", True, "no champion yet")
-    assert (outcome.promoted, outcome.champion_before, outcome.champion_after, outcome.smoke_seconds) == (
+    assert (outcome.promoted, outcome.champion_before, outcome.champion_after, outcome.canary) == (
         True, None, "1", None)
     assert aliases() == {"champion": "1", "previous": None}
 
@@ -169,12 +191,12 @@ def test_release_is_a_no_op_when_the_gate_failed(registry: MlflowClient) -> None
     versions(registry, 3)
     deploy.promote(NAME, "1")
     deploy.promote(NAME, "2")
-    smoke = Smoke()
-    outcome = deploy.release(NAME, "3", False, "accuracy 0.40 < 0.50", smoke=smoke)
+    check = Check()
+    outcome = deploy.release(NAME, "3", False, "accuracy 0.40 < 0.50", validate=check)
     assert outcome.promoted is False
     assert outcome.reason == "gate failed: accuracy 0.40 < 0.50"
     assert (outcome.champion_before, outcome.champion_after) == ("2", "2")
-    assert smoke.calls == []
+    assert check.calls == []
     assert aliases() == {"champion": "2", "previous": "1"}
 
 
@@ -182,33 +204,76 @@ def test_release_is_a_no_op_for_the_current_champion(registry: MlflowClient) -> 
     versions(registry, 2)
     deploy.promote(NAME, "1")
     deploy.promote(NAME, "2")
-    smoke = Smoke()
-    outcome = deploy.release(NAME, "2", True, "accuracy 0.9", smoke=smoke)
+    check = Check()
+    outcome = deploy.release(NAME, "2", True, "accuracy 0.9", validate=check)
     assert outcome.promoted is False and "already the champion" in outcome.reason
     assert (outcome.champion_before, outcome.champion_after) == ("2", "2")
-    assert smoke.calls == []
+    assert check.calls == []
     assert aliases() == {"champion": "2", "previous": "1"}
 
 
-def test_failed_smoke_reverts_champion_and_previous(registry: MlflowClient) -> None:
+def test_a_stale_gate_does_not_promote(registry: MlflowClient) -> None:
+    """Another run promoted v2 after this run's gate compared v3 with v1: v3 must not replace v2 unjudged."""
+    versions(registry, 3)
+    deploy.promote(NAME, "1")
+    deploy.promote(NAME, "2")
+    outcome = deploy.release(NAME, "3", True, "accuracy 0.95 within 0.01 of champion v1", gate_champion="1")
+    assert outcome.promoted is False and "stale" in outcome.reason and "from v1 to v2" in outcome.reason
+    assert aliases() == {"champion": "2", "previous": "1"}
+
+
+def test_failed_validation_leaves_the_aliases_and_the_history_alone(registry: MlflowClient) -> None:
+    from tasks.core import history
+
     versions(registry, 3)
     deploy.promote(NAME, "1")
     deploy.promote(NAME, "2")  # champion 2, previous 1
-    smoke = Smoke(fail=True)
+    moves_before = history.moves(NAME)
+    check = Check(fail=True)
     with pytest.raises(deploy.ReleaseError) as err:
-        deploy.release(NAME, "3", True, "accuracy 0.95", smoke=smoke)
-    assert smoke.calls == [(f"models:/{NAME}@champion", "3")]  # it was promoted, then reverted
-    assert aliases() == {"champion": "2", "previous": "1"}  # not previous=2, as the promotion had left it
+        deploy.release(NAME, "3", True, "accuracy 0.95", validate=check)
+    assert check.calls == [("3", "2")]
+    assert aliases() == {"champion": "2", "previous": "1"}
+    assert history.moves(NAME) == moves_before  # nothing moved, so nothing to record
     message = str(err.value)
-    assert "v3" in message and "reverted to 2" in message and "rows [3]" in message
+    assert "v3 not promoted" in message and "predictions" in message and "rows [3]" in message
     assert isinstance(err.value.__cause__, RuntimeError)
 
 
-def test_failed_smoke_of_the_first_release_leaves_no_champion(registry: MlflowClient) -> None:
+def test_failed_switch_reverts_champion_and_previous(registry: MlflowClient) -> None:
+    from tasks.core import history
+
+    versions(registry, 3)
+    deploy.promote(NAME, "1")
+    deploy.promote(NAME, "2")
+    switch = Check(fail=True)
+    with pytest.raises(deploy.ReleaseError, match="reverted, champion back to v2"):
+        deploy.release(NAME, "3", True, "accuracy 0.95", validate=Check(), switch=switch)
+    assert switch.calls == [("3", "3")]  # the live server was checked after the move
+    assert aliases() == {"champion": "2", "previous": "1"}  # not previous=2, as the promotion had left it
+    last = history.moves(NAME)[-2:]
+    assert [(m.alias, m.from_version, m.to_version, m.action) for m in last] == [
+        ("champion", "3", "2", "revert"), ("previous", "2", "1", "revert")]
+    assert deploy.rollback_target(NAME) == "1"  # the reverted release is no step of the lineage
+
+
+def test_failed_switch_of_the_first_release_leaves_no_champion(registry: MlflowClient) -> None:
     versions(registry, 1)
-    with pytest.raises(deploy.ReleaseError, match="reverted to None"):
-        deploy.release(NAME, "1", True, "no champion yet", smoke=Smoke(fail=True))
+    with pytest.raises(deploy.ReleaseError, match="champion back to none"):
+        deploy.release(NAME, "1", True, "no champion yet", switch=Check(fail=True))
     assert aliases() == {"champion": None, "previous": None}
+
+
+def test_promotion_reason_refuses_a_failed_gate_unless_forced(registry: MlflowClient) -> None:
+    registry.create_registered_model(NAME)
+    for gate, reason in (("pass", "accuracy 0.81 >= 0.75"), ("fail", "accuracy 0.68 is below min_score 0.75")):
+        registry.create_model_version(NAME, "file:///nowhere", tags={"nightshift.gate": gate,
+                                                                     "nightshift.gate_reason": reason})
+    assert "gate pass" in deploy.promotion_reason(NAME, "1", False, None)
+    with pytest.raises(deploy.PromotionRefused, match=r"v2 failed its release gate \(accuracy 0.68 is below"):
+        deploy.promotion_reason(NAME, "2", False, "hotfix")
+    forced = deploy.promotion_reason(NAME, "2", True, "hotfix for ticket 12")
+    assert forced == "forced past failed gate (accuracy 0.68 is below min_score 0.75): hotfix for ticket 12"
 
 
 # ---------------------------------------------------------------------------------------------- smoke_test
@@ -233,6 +298,27 @@ def test_smoke_test_compares_served_with_offline_predictions(monkeypatch: pytest
         deploy.smoke_test("models:/m@champion", ["x", "y", "z"], ["a", "a", "a"])
     with pytest.raises(deploy.ReleaseError):  # fewer answers than inputs
         deploy.smoke_test("models:/m@champion", ["x", "y", "z", "w"], ["a", "b", "a", "a"])
+
+
+def test_champion_rescoring_smoke_test_and_promote_expectations_predict_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one predict_labels behind all three: labels as strings, the input column named as asked
+    from tasks import stages
+
+    model = FakeModel([1, 0])  # a model answering non-string labels
+    model.metadata = SimpleNamespace(metadata={"task": "image-classification"})
+    loaded: list[str] = []
+    monkeypatch.setattr(tracking, "load_pyfunc", lambda uri: loaded.append(uri) or model)
+    monkeypatch.setattr(tracking, "alias_version", lambda name, alias: "7")
+    monkeypatch.setattr(tracking, "input_example", lambda uri: [[0] * 4, [1] * 4])
+    version, scorer = stages.champion_scorer("m", "text")
+    assert version == "7" and scorer is not None and loaded == []  # loaded on first use only
+    assert scorer(("a", "b")) == ["1", "0"] and loaded == ["models:/m/7"]
+    assert deploy.smoke_test("models:/m/7", ["a", "b"], ["1", "0"]) >= 0
+    inputs, expected, column = deploy.registry_expectations("m", "7")
+    assert (inputs, expected, column) == ([[0] * 4, [1] * 4], ["1", "0"], "pixels")
+    assert [list(f.columns) for f in model.frames] == [["text"], ["text"], ["pixels"]]
+    with pytest.raises(deploy.ReleaseError, match=r"rows \[0\]"):
+        deploy.smoke_test("models:/m/7", ["a", "b"], ["0", "0"])
 
 
 # ---------------------------------------------------------------------------------------------- register

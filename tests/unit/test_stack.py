@@ -313,6 +313,12 @@ def test_server_commands_keep_secrets_off_the_command_line(tmp_path: Path) -> No
     assert menv["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://nightshift:")
     assert menv["MLFLOW_AUTH_ADMIN_PASSWORD"] == "secret-mlflow_admin_password"
     assert menv["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    # every server also gets the quiet, offline defaults of the other entry points
+    from tasks.core.environment import DEFAULTS
+
+    assert all(penv[k] == v and menv[k] == v for k, v in DEFAULTS.items() if k != "MLFLOW_DISABLE_TELEMETRY")
+    # a run held back by a recipe's concurrency limit retries soon, not after Prefect's 30 s
+    assert float(penv["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]) <= 5
 
 
 def test_auth_config_is_owner_only(tmp_path: Path) -> None:
@@ -323,6 +329,12 @@ def test_auth_config_is_owner_only(tmp_path: Path) -> None:
     assert "database_uri = postgresql+psycopg2://nightshift:pw@127.0.0.1:5433/mlflow" in text
     assert "adminpw" not in text
     assert stat.S_IMODE(paths.auth_ini.stat().st_mode) == 0o600
+    # verified credentials cached: else every request pays a password-hash check (tens of ms of CPU)
+    import configparser
+
+    parsed = configparser.ConfigParser()
+    parsed.read_string(text)
+    assert parsed.getint("mlflow", "auth_cache_ttl_seconds") > 0
 
 
 def test_env_command_without_a_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -64,6 +64,22 @@ def test_environment_defaults_never_override_the_user() -> None:
     assert exports(env) == "" and "export HF_HUB_OFFLINE=1" in exports({})
 
 
+def test_git_commit_outside_a_checkout_comes_from_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from tasks.core import lineage
+
+    checkout = lineage.git_commit()
+    assert len(checkout) == 40  # the tests run in a checkout: git wins over the variable
+    monkeypatch.setenv("NIGHTSHIFT_GIT_COMMIT", "abc123")
+    assert lineage.git_commit() == checkout
+    no_repo = subprocess.CompletedProcess([], 128, stdout="", stderr="fatal: not a git repository")
+    monkeypatch.setattr(lineage.subprocess, "run", lambda *a, **k: no_repo)
+    assert lineage.git_commit() == "abc123"  # infra/Dockerfile's GIT_COMMIT build argument
+    monkeypatch.delenv("NIGHTSHIFT_GIT_COMMIT")
+    assert lineage.git_commit() == "unknown"
+
+
 def test_brief_is_a_few_lines() -> None:
     stages = {s: ref(s, {"input": 10, "rejected": 0, "train": 10}, {}) for s in PREP}
     text = brief(PreparedData(run_id="r1", stages=stages))
