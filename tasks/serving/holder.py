@@ -60,7 +60,16 @@ class ReloadOutcome:
 
 
 def predict_records(predictor: Any, column: str, inputs: list[Any]) -> list[dict[str, Any]]:
-    """The predictor's output frame for ``inputs`` as one JSON-ready dict per input (numpy made plain)."""
+    """The predictor's output frame for ``inputs`` as one JSON-ready dict per input (numpy made plain).
+
+    A predictor with ``records(inputs)`` (plain dicts, no pandas) answers through it: on one sentence the
+    two DataFrames cost about as much as the model itself."""
+    records = getattr(predictor, "records", None)
+    if records is not None and column == getattr(predictor, "input_column", None):
+        rows = records(inputs)
+        if len(rows) != len(inputs):
+            raise RuntimeError(f"predictor answered {len(rows)} rows for {len(inputs)} inputs")
+        return rows
     frame = predictor.predict(pd.DataFrame({column: inputs}))
     if len(frame) != len(inputs):
         raise RuntimeError(f"predictor answered {len(frame)} rows for {len(inputs)} inputs")
