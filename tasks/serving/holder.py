@@ -67,13 +67,16 @@ def predict_records(predictor: Any, column: str, inputs: list[Any]) -> list[dict
     records = getattr(predictor, "records", None)
     if records is not None and column == getattr(predictor, "input_column", None):
         rows = records(inputs)
-        if len(rows) != len(inputs):
-            raise RuntimeError(f"predictor answered {len(rows)} rows for {len(inputs)} inputs")
-        return rows
-    frame = predictor.predict(pd.DataFrame({column: inputs}))
-    if len(frame) != len(inputs):
-        raise RuntimeError(f"predictor answered {len(frame)} rows for {len(inputs)} inputs")
-    # column lists zipped into rows: a third of the time of frame.to_dict("records") on one-row frames
+    else:
+        rows = frame_records(predictor.predict(pd.DataFrame({column: inputs})))
+    if len(rows) != len(inputs):
+        raise RuntimeError(f"predictor answered {len(rows)} rows for {len(inputs)} inputs")
+    return rows
+
+
+def frame_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """One JSON-ready dict per row; column lists zipped into rows take a third of the time of
+    ``frame.to_dict("records")`` on one-row frames."""
     keys = [str(key) for key in frame.columns]
     columns = [[v if isinstance(v, SIMPLE) else plain(v) for v in frame[key].tolist()] for key in frame.columns]
     return [dict(zip(keys, row)) for row in zip(*columns)]
