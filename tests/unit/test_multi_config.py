@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tasks.core.config import RecipeError
@@ -43,6 +45,18 @@ def test_shared_model_train_and_tokenizer_reach_every_task() -> None:
         assert sub.tokenizer.vocab_size == 5000 and sub.tokenizer.max_length == 40
 
 
+def test_a_task_sets_its_own_batch_size_and_head_lr() -> None:
+    bad = raw(train={"batch_size": 32, "head_lr": 1e-3})
+    bad["tasks"]["trec"]["train"] = {"batch_size": 16, "head_lr": 3e-3}
+    subs = recipe_from_dict(bad).sub_recipes()
+    assert (subs["trec"].train.batch_size, subs["trec"].train.head_lr) == (16, 3e-3)
+    assert (subs["sst2"].train.batch_size, subs["sst2"].train.head_lr) == (32, 1e-3)  # the shared values
+    assert subs["trec"].train.lr == subs["sst2"].train.lr == 1e-4  # the encoder's rate stays shared
+    bad["tasks"]["trec"]["train"] = {"lr": 1e-3}
+    with pytest.raises(RecipeError, match=r"tasks\.trec\.train\.lr: Extra inputs are not permitted"):
+        recipe_from_dict(bad)
+
+
 def test_pretrained_is_the_default_with_its_train_defaults() -> None:
     recipe = recipe_from_dict(raw())
     assert recipe.model.arch == "pretrained"
@@ -52,18 +66,18 @@ def test_pretrained_is_the_default_with_its_train_defaults() -> None:
 def test_errors_name_the_task_and_key() -> None:
     bad = raw()
     bad["tasks"]["trec"]["data"] = {**TREC, "colour": "red"}
-    with pytest.raises(RecipeError, match=r"tasks\.trec: data\.colour: Extra inputs are not permitted"):
+    with pytest.raises(RecipeError, match=r"tasks\.trec\.data\.colour: Extra inputs are not permitted"):
         recipe_from_dict(bad)
     bad = raw()
     bad["tasks"]["sst2"]["evaluate"] = {"min_score": 2}
-    with pytest.raises(RecipeError, match=r"tasks\.sst2: evaluate\.min_score"):
+    with pytest.raises(RecipeError, match=r"tasks\.sst2\.evaluate\.min_score"):
         recipe_from_dict(bad)
 
 
 def test_vocabulary_keys_are_shared_only() -> None:
     bad = raw()
     bad["tasks"]["sst2"]["tokenizer"] = {"vocab_size": 100}
-    with pytest.raises(RecipeError, match=r"tasks\.sst2\.tokenizer: vocab_size decide the shared vocabulary"):
+    with pytest.raises(RecipeError, match=r"tasks\.sst2\.tokenizer: Value error, vocab_size decide the shared vocabulary"):
         recipe_from_dict(bad)
 
 
@@ -88,12 +102,25 @@ def test_needs_two_tasks_and_known_kinds() -> None:
         recipe_from_dict(one)
     bad = raw()
     bad["tasks"]["trec"]["task"] = "image-classification"
-    with pytest.raises(RecipeError, match=r"tasks\.trec\.task"):
+    with pytest.raises(RecipeError, match=r"tasks\.trec: Input tag 'image-classification' found using 'task'"):
         recipe_from_dict(bad)
 
 
+def test_a_task_has_only_its_kinds_sections_typed_for_the_form() -> None:
+    bad = raw()
+    bad["tasks"]["sst2"]["head"] = {"dropout": 0.1}  # a tagging head on a sentence task
+    with pytest.raises(RecipeError, match=r"tasks\.sst2\.head: Extra inputs are not permitted"):
+        recipe_from_dict(bad)
+    # the Prefect form renders the JSON schema: each task is a choice of kinds with typed sections
+    schema = json.dumps(MultiRecipe.model_json_schema())
+    for key in ('"text_column"', '"tag_scheme"', '"label_all_tokens"', '"max_regression"', '"loss_weight"'):
+        assert key in schema, key
+
+
 def test_round_trips_through_its_dict() -> None:
-    recipe = recipe_from_dict(raw())
+    recipe = recipe_from_dict(raw(tasks={**raw()["tasks"], "trec": {**raw()["tasks"]["trec"], "tokenizer": {"max_length": 40},
+                                                                    "train": {"batch_size": 8}}}))
+    assert recipe.sub_recipes()["trec"].tokenizer.max_length == 40
     again = recipe_from_dict(recipe.as_dict())
     assert again == recipe and again.config_hash() == recipe.config_hash()
     assert again.sub_recipes()["trec"] == recipe.sub_recipes()["trec"]
