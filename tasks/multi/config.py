@@ -225,7 +225,7 @@ class MultiRecipe(RecipeBase):
         raw: dict[str, Any] = {"name": f"{self.name}.{name}", "task": spec.task,
                                "model": self.model.model_dump(mode="json"),
                                "train": {**self.train.model_dump(mode="json", exclude={"scratch", "pretrained"}),
-                                         **spec.train.model_dump(mode="json", exclude_none=True)},
+                                         **written(spec.train, drop_none=True)},
                                "tokenizer": {**self.tokenizer.model_dump(mode="json"), **written(spec.tokenizer, drop_none=True)}}
         for section in TASK_SECTIONS:
             value = getattr(spec, "validate_" if section == "validate" else section, None)

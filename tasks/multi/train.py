@@ -182,7 +182,9 @@ def run(
     loaders, validators, primaries, batch_sizes, head_lrs = {}, {}, {}, {}, {}
     for name, sub in recipe.sub_recipes().items():
         adapter = adapter_for(kind_of(sub).name)
-        batch_sizes[name], head_lrs[name] = sub.train.batch_size, sub.train.head_lr or cfg.lr  # sub.train: the task's keys over the shared
+        batch_sizes[name] = sub.train.batch_size  # sub.train: the task's own keys over the shared ones
+        if sub.train.head_lr is not None:
+            head_lrs[name] = sub.train.head_lr
         loaders[name] = adapter.train_loader(sub, augmented_t[name], encoded_t[name], batch_sizes[name], model.pad_id, name)
         validators[name] = adapter.validator(sub, encoded_t[name], model.pad_id, name)
         primaries[name] = sub.evaluate.primary_metric

