@@ -24,10 +24,16 @@ class Loader:
     """How :func:`fit_loader` reads one split, whatever the kind."""
 
     size: int  # rows in the split
-    batches: Callable[[np.random.Generator | None], list[np.ndarray]]  # index batches; None: fixed order
+    batches: Callable[[np.random.Generator | None], list[Any]]  # a step's index batch each; None: fixed order
     inputs: Callable[[np.ndarray], tuple[torch.Tensor, ...]]  # the model's inputs for one index batch (CPU)
     targets: Callable[[np.ndarray], Any]  # the model's targets for one index batch: a tensor or {head: tensor}
     steps: int | None = None  # batches per epoch when they are not ceil(size / batch size) (multi-task)
+    # a step made of several index batches (multi-task joint steps: one per task, shapes differ): the
+    # fit loop sums their losses before one optimiser step; None: every step is one index batch
+    parts: Callable[[Any], list[np.ndarray]] | None = None
+    # the batches of epoch N (1-based), when they depend on the epochs before it (multi-task: each task's
+    # stream of passes continues across epochs); None: ``batches`` with the fit loop's per-epoch generator
+    epoch_batches: Callable[[int], list[Any]] | None = None
 
 
 def logits_of(outputs: Any, head: str | None) -> torch.Tensor:

@@ -223,22 +223,28 @@ def _fit(
             break
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: a resumed run shuffles the same
-        batches = train.batches(rng)[: max(0, total_steps - step)]
+        batches = (train.epoch_batches(epoch) if train.epoch_batches is not None else train.batches(rng))
+        batches = batches[: max(0, total_steps - step)]
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not show, file=sys.stderr,
                    leave=False, dynamic_ncols=True)
-        for index in bar:
-            inputs = [t.to(device) for t in train.inputs(index)]
-            targets = to_device(train.targets(index), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                _, loss = model(*inputs, targets=targets)
+        for batch in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            # one backward per part accumulates the gradient of the summed loss without holding every
+            # part's graph at once
+            for index in (train.parts(batch) if train.parts is not None else (batch,)):
+                inputs = [t.to(device) for t in train.inputs(index)]
+                targets = to_device(train.targets(index), device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    _, loss = model(*inputs, targets=targets)
+                loss.backward()
+                step_loss += loss.item()
             grad_norm = clip_gradients(model, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(loss.item())
+            losses.append(step_loss)
             if step % 10 == 0 or step == 1:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
             if on_step is not None:

@@ -155,10 +155,16 @@ class MultiTaskConfig(Section):
                     "temperature (p_t ~ b_t^(1/T): T=1 is proportional, large T uniform) or round_robin (tasks in "
                     "turn). Seeded.")
     temperature: float = Field(default=2.0, ge=1, le=100, description="T of temperature sampling.")
+    step: Literal["single", "joint"] = Field(
+        default="single",
+        description="single: every optimiser step trains on one task's batch, the task drawn by sampling; joint: "
+                    "every step sums w_t * L_t over one batch of every task (sampling does not apply: each task's "
+                    "share of the rows is its batch size).")
     steps_per_epoch: int | None = Field(
         default=None, ge=1, le=10_000_000,
         description="Batches between two validations: the 'epoch' of train.epochs, train.patience and the best epoch "
-                    "(null: one pass over every task, sum_t ceil(train rows_t / batch size_t)).")
+                    "(null: one pass over every task, sum_t ceil(train rows_t / batch size_t); joint steps: one pass over "
+                    "the largest, max_t ceil(rows_t / batch size_t)).")
     selection: Literal["mean", "weighted"] = Field(
         default="mean", description="Early stopping and the best epoch use this combination of the tasks' validation "
                                     "primary metrics: their mean, or their mean weighted by selection_weights.")

@@ -14,21 +14,31 @@ batch size for all tasks that is the same as computing them on the rows):
 
 An epoch is ``sum_t b_t`` batches whatever the strategy, or ``steps_per_epoch`` when given (validation,
 early stopping and the best epoch then come every that many steps). A task that runs out of batches
-within an epoch starts a fresh shuffled pass. Everything draws from the fit loop's per-epoch generator,
-so a resumed run sees the same batches. Indices are global: task t's rows are
-``offsets[t] .. offsets[t+1]-1``.
+within an epoch starts its next shuffled pass; in training (``seed`` given) each task's passes also
+continue across epochs, so every row is seen once before any row is seen twice, however short the
+epochs. Everything is seeded by the seed and the epoch number, so a resumed run sees the same batches.
+
+``step="joint"`` instead makes every optimiser step out of one batch of *every* task: the fit loop sums
+``w_t * L_t`` over the tasks before it steps, so each step follows the gradient of the whole multi-task
+loss. The sampling strategy does not apply; each task's share of the rows is set by its batch size. An
+epoch is then ``max_t b_t`` steps, or ``steps_per_epoch``.
+
+Indices are global: task t's rows are ``offsets[t] .. offsets[t+1]-1``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import numpy as np
 
 from tasks.core.batching import Loader
 
 Sampling = Literal["proportional", "temperature", "round_robin"]
+Step = Literal["single", "joint"]
 
 
 def task_probabilities(sizes: list[int], sampling: Sampling, temperature: float = 1.0) -> np.ndarray:
@@ -64,25 +74,56 @@ def task_order(sizes: list[int], n_batches: int, sampling: Sampling, temperature
 
 
 def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sampling: Sampling = "proportional",
-                     temperature: float = 2.0, steps_per_epoch: int | None = None) -> Loader:
+                     temperature: float = 2.0, steps_per_epoch: int | None = None, step: Step = "single",
+                     seed: int | None = None) -> Loader:
     """One loader over the tasks' loaders (insertion order; ``batch_sizes``: the batch size each was built
-    with), drawing batches per ``sampling``; an epoch is ``steps_per_epoch`` batches (None: one pass)."""
+    with), drawing batches per ``sampling`` (``step="joint"``: a batch of every task per step); an epoch
+    is ``steps_per_epoch`` steps (None: one pass).
+
+    With a ``seed`` the loader also has ``epoch_batches(epoch)``, which the fit loop uses: each task's
+    batches then continue one endless stream of seeded passes across epochs, so an epoch shorter than a
+    task's pass picks up where the last one stopped and every row is seen once before any is seen
+    twice. Without it (``batches(rng)``) every epoch starts each task on a fresh pass, which, with
+    ``steps_per_epoch`` well under a pass, trains on a random ~80% of a large task's rows, some of them
+    several times, and never on the rest.
+    """
     names = list(loaders)
     sizes = [loaders[name].size for name in names]
     if sum(sizes) == 0:
         raise ValueError("every task's train split is empty")
     passes = [math.ceil(n / batch_sizes[name]) for name, n in zip(names, sizes)]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    n_batches = steps_per_epoch or sum(passes)
+    live = [t for t, n in enumerate(sizes) if n > 0]
+    n_batches = steps_per_epoch or (max(passes) if step == "joint" else sum(passes))
 
-    def batches(rng: np.random.Generator | None) -> list[np.ndarray]:
+    def order(rng: np.random.Generator | None) -> np.ndarray:
+        """The task of each batch of an epoch (joint: every live task at every step)."""
+        if step == "joint":
+            return np.tile(live, n_batches)
+        return task_order(passes, n_batches, sampling, temperature, rng)
+
+    def assemble(tasks: np.ndarray, next_batch: Callable[[int], np.ndarray]) -> list[Any]:
+        out = [next_batch(int(t)) + offsets[t] for t in tasks]
+        return [tuple(out[i:i + len(live)]) for i in range(0, len(out), len(live))] if step == "joint" else out
+
+    def batches(rng: np.random.Generator | None) -> list[Any]:
         pending: dict[int, list[np.ndarray]] = {t: [] for t in range(len(names))}
-        out = []
-        for t in task_order(passes, n_batches, sampling, temperature, rng):
+
+        def next_batch(t: int) -> np.ndarray:
             if not pending[t]:
                 pending[t] = list(loaders[names[t]].batches(rng))[::-1]
-            out.append(pending[t].pop() + offsets[t])
-        return out
+            return pending[t].pop()
+
+        return assemble(order(rng), next_batch)
+
+    def epoch_batches(epoch: int) -> list[Any]:
+        # the epochs before this one say how far into its stream each task already is; their orders are
+        # recomputed from their seeds, so a resumed run continues exactly where the first one would have
+        tasks = [order(np.random.default_rng([seed, e])) for e in range(1, epoch + 1)]
+        used = np.bincount(np.concatenate(tasks[:-1]).astype(np.int64), minlength=len(names)) if epoch > 1 else \
+            np.zeros(len(names), dtype=np.int64)
+        streams = {t: itertools.islice(_stream(loaders[names[t]], seed, t), int(used[t]), None) for t in live}
+        return assemble(tasks[-1], lambda t: next(streams[t]))
 
     def split(index: np.ndarray) -> tuple[str, np.ndarray]:
         t = int(np.searchsorted(offsets, index[0], side="right") - 1)
@@ -96,7 +137,14 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
         name, local = split(index)
         return loaders[name].targets(local)
 
-    return Loader(size=int(sum(sizes)), batches=batches, inputs=inputs, targets=targets, steps=n_batches)
+    return Loader(size=int(sum(sizes)), batches=batches, inputs=inputs, targets=targets, steps=n_batches,
+                  parts=list if step == "joint" else None, epoch_batches=None if seed is None else epoch_batches)
+
+
+def _stream(loader: Loader, seed: int, task: int) -> Iterator[np.ndarray]:
+    """A task's batches, pass after pass, pass k shuffled by its own generator ``[seed, task, k]``."""
+    for k in itertools.count():
+        yield from loader.batches(np.random.default_rng([seed, 1_000 + task, k]))
 
 
 def task_of_batch(loader_sizes: list[int], index: np.ndarray) -> int:

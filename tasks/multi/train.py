@@ -100,14 +100,25 @@ def build_model(recipe: MultiRecipe, encoded: StageRef) -> tuple[MultiTaskModel,
 
 class TaskLosses:
     """Wraps the step and epoch callbacks: adds ``<task>.train_loss`` per step and per epoch, renames
-    the per-task validation metrics to ``<task>.val_<metric>``."""
+    the per-task validation metrics to ``<task>.val_<metric>``.
+
+    Used as a context manager: inside it a forward hook collects the per-task losses of every forward
+    (a joint step runs one per task), handed on with the step's metrics."""
 
     def __init__(self, model: MultiTaskModel, on_step: StepCallback | None, on_epoch: StepCallback | None):
         self.model, self._on_step, self._on_epoch = model, on_step, on_epoch
         self.sums: dict[str, list[float]] = {}
+        self._step: dict[str, float] = {}
+
+    def __enter__(self) -> TaskLosses:
+        self._hook = self.model.register_forward_hook(lambda model, args, output: self._step.update(model.last_losses))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hook.remove()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        losses = self.model.last_losses
+        losses, self._step = self._step, {}
         for name, value in losses.items():
             self.sums.setdefault(name, []).append(value)
         if self._on_step is not None:
@@ -189,18 +200,19 @@ def run(
         validators[name] = adapter.validator(sub, encoded_t[name], model.pad_id, name)
         primaries[name] = sub.evaluate.primary_metric
     mt = recipe.multitask
-    train_loader = multitask_loader(loaders, batch_sizes, mt.sampling, mt.temperature, mt.steps_per_epoch)
+    train_loader = multitask_loader(loaders, batch_sizes, mt.sampling, mt.temperature, mt.steps_per_epoch, mt.step,
+                                    cfg.seed)
 
     def validate(m: nn.Module, device: torch.device) -> dict[str, float]:
         val = {f"{name}.{k}": v for name, check in validators.items() for k, v in check(m, device).items()}
         return {**val, SELECTION: selection_score(val, primaries, recipe)}
 
-    callbacks = TaskLosses(model, on_step, on_epoch)
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr, cfg.layer_lr_decay, head_lrs)
     checkpoint_dir = checkpoints_root / STAGE / key.fingerprint
     started = time.perf_counter()
-    result = fit_loader(model, train_loader, validate, cfg, SELECTION, checkpoint_dir, callbacks.on_step,
-                        callbacks.on_epoch, groups)
+    with TaskLosses(model, on_step, on_epoch) as callbacks:
+        result = fit_loader(model, train_loader, validate, cfg, SELECTION, checkpoint_dir, callbacks.on_step,
+                            callbacks.on_epoch, groups)
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="nightshift-multi-") as tmp:
         write_views(model, recipe, encoded, labels, Path(tmp))

@@ -106,3 +106,82 @@ def test_steps_per_epoch_sets_the_epoch_length() -> None:
     assert loader.steps == 7 and len(loader.batches(np.random.default_rng(0))) == 7
     c = counts(multitask_loader(loaders(SIZES), BATCH, "proportional", steps_per_epoch=400))
     assert c == {0: 360, 1: 40}  # longer than a pass: each task starts fresh passes, shares unchanged
+
+
+def test_joint_steps_take_one_batch_of_every_task() -> None:
+    # big: 30 batches a pass, small: 20; a joint epoch is one pass over the largest, the small task cycles
+    tasks = {"big": toy_loader(900, 0, 30), "small": toy_loader(100, 1, 5)}
+    loader = multitask_loader(tasks, {"big": 30, "small": 5}, "temperature", step="joint")
+    assert loader.steps == 30 and loader.parts is not None
+    steps = loader.batches(np.random.default_rng(0))
+    assert len(steps) == 30
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for batch in steps:
+        parts = loader.parts(batch)
+        assert [int(loader.inputs(part)[0][0, 0]) for part in parts] == [0, 1]  # every task, in recipe order
+        assert [len(part) for part in parts] == [30, 5]  # each task its own batch size
+        for t, part in enumerate(parts):
+            seen[t] += loader.inputs(part)[1].tolist()
+    assert sorted(seen[0]) == list(range(900))  # one pass over the big task
+    assert len(seen[1]) == 150 and set(seen[1]) == set(range(100))  # 1.5 passes over the small one
+    assert len(multitask_loader(tasks, {"big": 30, "small": 5}, step="joint", steps_per_epoch=7).batches(None)) == 7
+
+
+def test_a_joint_step_is_one_optimiser_step_on_the_summed_loss() -> None:
+    from tasks.core.config import TrainConfig
+    from tasks.core.fit import fit_loader
+
+    class Toy(torch.nn.Module):  # both tasks share w and pull it different ways: L_t = (t + 1) * (w . x - t)^2
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([0.5, -0.3]))
+
+        def forward(self, x, index, targets=None):
+            task = int(x[0, 0])
+            pred = torch.stack([torch.ones(len(x)), index.float()], -1) @ self.w
+            return {}, None if targets is None else (task + 1) * ((pred - task) ** 2).mean()
+
+    def toy(value: int) -> Loader:
+        return Loader(size=4, batches=lambda rng: [np.arange(4)] * 3,
+                      inputs=lambda i: (torch.full((len(i), 1), value), torch.as_tensor(i)),
+                      targets=lambda i: {f"t{value}": torch.as_tensor(i)})
+
+    def reference(tasks: tuple[int, ...]) -> torch.Tensor:
+        model = Toy()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+        for _ in range(3):
+            optimizer.zero_grad()
+            sum(model(torch.full((4, 1), t), torch.arange(4), targets=True)[1] for t in tasks).backward()
+            optimizer.step()
+        return model.w.detach()
+
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=0.1, weight_decay=0.0, warmup_fraction=0.0, schedule="constant",
+                      grad_clip=None, patience=5)
+    model = Toy()
+    joint = multitask_loader({"a": toy(0), "b": toy(1)}, {"a": 4, "b": 4}, step="joint", steps_per_epoch=3)
+    fit_loader(model, joint, lambda m, d: {"score": 0.0}, cfg, "score", progress=False)
+    assert torch.allclose(model.w, reference((0, 1)))  # three steps, each on L_a + L_b
+    assert not torch.allclose(model.w, reference((1,)), atol=1e-3)  # not the last part's loss alone
+
+
+@pytest.mark.parametrize("step", ["single", "joint"])
+def test_seeded_epochs_continue_each_tasks_passes(step: str) -> None:
+    # epochs of 7 steps against passes of 90 and 10 batches: with a seed, an epoch picks up each task where the
+    # last one stopped, so every row is seen once before any row is seen twice
+    loader = multitask_loader(loaders(SIZES), BATCH, "temperature", 2.0, steps_per_epoch=7, step=step, seed=13)
+    rows: dict[int, list[int]] = {0: [], 1: []}
+    for epoch in range(1, 16):
+        steps = loader.epoch_batches(epoch)
+        assert len(steps) == 7
+        for batch in steps:
+            for part in (loader.parts(batch) if loader.parts else [batch]):
+                ids, local = loader.inputs(part)
+                rows[int(ids[0, 0])] += local.tolist()
+    for task, n in ((0, 900), (1, 100)):
+        seen = rows[task]
+        whole = len(seen) // n * n
+        assert all(sorted(seen[i:i + n]) == list(range(n)) for i in range(0, whole, n))  # whole passes, no repeats
+        assert len(set(seen[whole:])) == len(seen) - whole
+    assert len(rows[0]) > 900 or step == "single"  # joint: 105 big batches of 10, more than a pass
+    again = multitask_loader(loaders(SIZES), BATCH, "temperature", 2.0, steps_per_epoch=7, step=step, seed=13)
+    assert [str(b) for b in again.epoch_batches(9)] == [str(b) for b in loader.epoch_batches(9)]  # resumable

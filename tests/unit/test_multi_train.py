@@ -62,15 +62,22 @@ def test_selection_combines_each_tasks_primary_metric() -> None:
 def test_per_task_losses_and_validation_metrics_are_logged_under_task_prefixes() -> None:
     model = shared_model()
     steps, epochs = [], []
-    callbacks = TaskLosses(model, lambda s, m: steps.append(m), lambda e, m: epochs.append(m))
     ids = torch.randint(1, 50, (2, 5))
     mask = torch.ones_like(ids)
-    model(ids, mask, {"sst2": torch.tensor([0, 1])})
-    callbacks.on_step(1, {"train_loss": 1.0})
-    model(ids, mask, {"wnut17": torch.zeros(2, 5, dtype=torch.long)})
-    callbacks.on_step(2, {"train_loss": 2.0})
+    with TaskLosses(model, lambda s, m: steps.append(m), lambda e, m: epochs.append(m)) as callbacks:
+        model(ids, mask, {"sst2": torch.tensor([0, 1])})
+        callbacks.on_step(1, {"train_loss": 1.0})
+        model(ids, mask, {"wnut17": torch.zeros(2, 5, dtype=torch.long)})
+        callbacks.on_step(2, {"train_loss": 2.0})
+        # a joint step: one forward per task before the optimiser steps, both losses reported
+        model(ids, mask, {"sst2": torch.tensor([1, 0])})
+        model(ids, mask, {"wnut17": torch.ones(2, 5, dtype=torch.long)})
+        model(ids, mask)  # a validation forward adds nothing
+        callbacks.on_step(3, {"train_loss": 3.0})
     assert set(steps[0]) == {"train_loss", "sst2.train_loss"} and set(steps[1]) == {"train_loss", "wnut17.train_loss"}
+    assert set(steps[2]) == {"train_loss", "sst2.train_loss", "wnut17.train_loss"}
+    assert not model._forward_hooks  # the hook goes with the context
     callbacks.on_epoch(1, {"epoch": 1, "train_loss": 1.5, "val_sst2.accuracy": 0.8, "val_selection_score": 0.7})
     assert epochs[0]["sst2.val_accuracy"] == 0.8 and epochs[0]["val_selection_score"] == 0.7
-    assert epochs[0]["sst2.train_loss"] == pytest.approx(steps[0]["sst2.train_loss"])
+    assert epochs[0]["sst2.train_loss"] == pytest.approx((steps[0]["sst2.train_loss"] + steps[2]["sst2.train_loss"]) / 2)
     assert "wnut17.train_loss" in epochs[0] and callbacks.sums == {}
