@@ -222,15 +222,16 @@ def _fit(
         if step >= total_steps or bad_epochs >= cfg.patience:
             break
         model.train()
-        rng = np.random.default_rng([cfg.seed, epoch])  # per-epoch stream: a resumed run shuffles the same
-        batches = (train.epoch_batches(epoch) if train.epoch_batches is not None else train.batches(rng))
+        # per-epoch seeding: a resumed run sees the same batches
+        batches = (train.epoch_batches(epoch) if train.epoch_batches is not None
+                   else train.batches(np.random.default_rng([cfg.seed, epoch])))
         batches = batches[: max(0, total_steps - step)]
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not show, file=sys.stderr,
                    leave=False, dynamic_ncols=True)
         for batch in bar:
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             # one backward per part accumulates the gradient of the summed loss without holding every
             # part's graph at once
             for index in (train.parts(batch) if train.parts is not None else (batch,)):
@@ -239,12 +240,12 @@ def _fit(
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     _, loss = model(*inputs, targets=targets)
                 loss.backward()
-                step_loss += loss.item()
+                step_loss += loss.detach().float()
             grad_norm = clip_gradients(model, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(step_loss)
+            losses.append(step_loss.item())  # one host sync per step, however many parts
             if step % 10 == 0 or step == 1:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
             if on_step is not None:

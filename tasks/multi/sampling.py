@@ -120,8 +120,7 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
         # the epochs before this one say how far into its stream each task already is; their orders are
         # recomputed from their seeds, so a resumed run continues exactly where the first one would have
         tasks = [order(np.random.default_rng([seed, e])) for e in range(1, epoch + 1)]
-        used = np.bincount(np.concatenate(tasks[:-1]).astype(np.int64), minlength=len(names)) if epoch > 1 else \
-            np.zeros(len(names), dtype=np.int64)
+        used = np.bincount(np.concatenate([np.empty(0, np.int64), *tasks[:-1]]).astype(np.int64), minlength=len(names))
         streams = {t: itertools.islice(_stream(loaders[names[t]], seed, t), int(used[t]), None) for t in live}
         return assemble(tasks[-1], lambda t: next(streams[t]))
 

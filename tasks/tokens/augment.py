@@ -144,8 +144,8 @@ def run(recipe: TokenRecipe, encoded: StageRef, store: ArtifactStore, force: boo
                             "original_entities": [[k, " ".join(orig_t[a:b])] for k, a, b in entity_spans(orig_g)],
                             "augmented_entities": [[k, " ".join(toks[a:b])] for k, a, b in entity_spans(tgs)]})
     n_aug = int(sum(train.column("augmented").to_pylist()))
-    rows = {"input": train.num_rows - n_aug, "original": train.num_rows - n_aug, "train": train.num_rows,
-            "augmented": n_aug, "rejected": 0}
+    n_orig = train.num_rows - n_aug  # originals are kept, so they are the input rows
+    rows = {"input": n_orig, "original": n_orig, "train": train.num_rows, "augmented": n_aug, "rejected": 0}
     metrics = {"rows_augmented": float(n_aug), "rows_train": float(train.num_rows),
                **{f"copies.{k}": float(v) for k, v in counts.items()}}
     extra = {**{k: encoded.extra[k] for k in _PASSED_THROUGH if k in encoded.extra},
