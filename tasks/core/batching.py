@@ -34,6 +34,9 @@ class Loader:
     # the batches of epoch N (1-based), when they depend on the epochs before it (multi-task: each task's
     # stream of passes continues across epochs); None: ``batches`` with the fit loop's per-epoch generator
     epoch_batches: Callable[[int], list[Any]] | None = None
+    # with ``parts``: how the parts' gradients (one list per part, aligned on the trainable parameters,
+    # None where a part did not reach one) become the step's, with step metrics to log; None: their sum
+    combine: Callable[[list[list[torch.Tensor | None]]], tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]] | None = None
 
 
 def logits_of(outputs: Any, head: str | None) -> torch.Tensor:

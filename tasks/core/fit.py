@@ -218,6 +218,8 @@ def _fit(
         log.info("train: resuming from the checkpoint of epoch %d (%s)", ckpt["epoch"], last)
 
     show = (sys.stderr.isatty() if progress is None else progress)
+    combine = train.combine if train.parts is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(start_epoch, cfg.epochs + 1):
         if step >= total_steps or bad_epochs >= cfg.patience:
             break
@@ -232,8 +234,9 @@ def _fit(
         for batch in bar:
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
+            part_grads: list[list[torch.Tensor | None]] = []
             # one backward per part accumulates the gradient of the summed loss without holding every
-            # part's graph at once
+            # part's graph at once; with train.combine each part's gradient is kept apart instead
             for index in (train.parts(batch) if train.parts is not None else (batch,)):
                 inputs = [t.to(device) for t in train.inputs(index)]
                 targets = to_device(train.targets(index), device)
@@ -241,6 +244,15 @@ def _fit(
                     _, loss = model(*inputs, targets=targets)
                 loss.backward()
                 step_loss += loss.detach().float()
+                if combine is not None:
+                    part_grads.append([p.grad for p in trainable])
+                    for p in trainable:
+                        p.grad = None
+            step_stats: dict[str, torch.Tensor] = {}
+            if combine is not None:
+                merged, step_stats = combine(part_grads)
+                for p, g in zip(trainable, merged):
+                    p.grad = g
             grad_norm = clip_gradients(model, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -249,7 +261,8 @@ def _fit(
             if step % 10 == 0 or step == 1:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
             if on_step is not None:
-                on_step(step, {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+                on_step(step, {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                               **{k: float(v) for k, v in step_stats.items()}})
         bar.close()
         val = validate(model, device)
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),

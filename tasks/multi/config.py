@@ -160,6 +160,11 @@ class MultiTaskConfig(Section):
         description="single: every optimiser step trains on one task's batch, the task drawn by sampling; joint: "
                     "every step sums w_t * L_t over one batch of every task (sampling does not apply: each task's "
                     "share of the rows is its batch size).")
+    gradient: Literal["sum", "pcgrad"] = Field(
+        default="sum",
+        description="How a joint step's per-task gradients are combined: sum (the gradient of sum_t w_t * L_t) or "
+                    "pcgrad (each task's gradient on the shared encoder projected off every other task's it conflicts "
+                    "with, then summed; heads keep their own). pcgrad needs step: joint.")
     steps_per_epoch: int | None = Field(
         default=None, ge=1, le=10_000_000,
         description="Batches between two validations: the 'epoch' of train.epochs, train.patience and the best epoch "
@@ -170,6 +175,13 @@ class MultiTaskConfig(Section):
                                     "primary metrics: their mean, or their mean weighted by selection_weights.")
     selection_weights: dict[str, float] | None = Field(
         default=None, description="Weights per task name for selection: weighted (tasks left out weigh 0).")
+
+    @model_validator(mode="after")
+    def _pcgrad_needs_joint_steps(self) -> MultiTaskConfig:
+        if self.gradient == "pcgrad" and self.step != "joint":
+            raise ValueError("gradient: pcgrad needs step: joint (a single step trains one task: there is "
+                             "nothing to project)")
+        return self
 
 
 class MultiRecipe(RecipeBase):

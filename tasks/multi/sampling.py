@@ -21,7 +21,9 @@ epochs. Everything is seeded by the seed and the epoch number, so a resumed run 
 ``step="joint"`` instead makes every optimiser step out of one batch of *every* task: the fit loop sums
 ``w_t * L_t`` over the tasks before it steps, so each step follows the gradient of the whole multi-task
 loss. The sampling strategy does not apply; each task's share of the rows is set by its batch size. An
-epoch is then ``max_t b_t`` steps, or ``steps_per_epoch``.
+epoch is then ``max_t b_t`` steps, or ``steps_per_epoch``. With ``gradient="pcgrad"`` the loader's
+``combine`` (:func:`tasks.multi.gradients.pcgrad`) merges the tasks' gradients by surgery instead of
+summing them.
 
 Indices are global: task t's rows are ``offsets[t] .. offsets[t+1]-1``.
 """
@@ -36,9 +38,11 @@ from typing import Any, Literal
 import numpy as np
 
 from tasks.core.batching import Loader
+from tasks.multi.gradients import pcgrad
 
 Sampling = Literal["proportional", "temperature", "round_robin"]
 Step = Literal["single", "joint"]
+Gradient = Literal["sum", "pcgrad"]
 
 
 def task_probabilities(sizes: list[int], sampling: Sampling, temperature: float = 1.0) -> np.ndarray:
@@ -75,7 +79,7 @@ def task_order(sizes: list[int], n_batches: int, sampling: Sampling, temperature
 
 def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sampling: Sampling = "proportional",
                      temperature: float = 2.0, steps_per_epoch: int | None = None, step: Step = "single",
-                     seed: int | None = None) -> Loader:
+                     seed: int | None = None, gradient: Gradient = "sum") -> Loader:
     """One loader over the tasks' loaders (insertion order; ``batch_sizes``: the batch size each was built
     with), drawing batches per ``sampling`` (``step="joint"``: a batch of every task per step); an epoch
     is ``steps_per_epoch`` steps (None: one pass).
@@ -137,7 +141,8 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
         return loaders[name].targets(local)
 
     return Loader(size=int(sum(sizes)), batches=batches, inputs=inputs, targets=targets, steps=n_batches,
-                  parts=list if step == "joint" else None, epoch_batches=None if seed is None else epoch_batches)
+                  parts=list if step == "joint" else None, epoch_batches=None if seed is None else epoch_batches,
+                  combine=pcgrad if step == "joint" and gradient == "pcgrad" else None)
 
 
 def _stream(loader: Loader, seed: int, task: int) -> Iterator[np.ndarray]:

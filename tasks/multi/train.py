@@ -201,7 +201,7 @@ def run(
         primaries[name] = sub.evaluate.primary_metric
     mt = recipe.multitask
     train_loader = multitask_loader(loaders, batch_sizes, mt.sampling, mt.temperature, mt.steps_per_epoch, mt.step,
-                                    cfg.seed)
+                                    cfg.seed, mt.gradient)
 
     def validate(m: nn.Module, device: torch.device) -> dict[str, float]:
         val = {f"{name}.{k}": v for name, check in validators.items() for k, v in check(m, device).items()}

@@ -95,6 +95,14 @@ def test_selection_weights() -> None:
     assert ok.multitask.selection_weights == {"sst2": 2}
 
 
+def test_pcgrad_needs_joint_steps() -> None:
+    with pytest.raises(RecipeError, match=r"multitask.*gradient: pcgrad needs step: joint"):
+        recipe_from_dict(raw(multitask={"gradient": "pcgrad"}))
+    ok = recipe_from_dict(raw(multitask={"gradient": "pcgrad", "step": "joint"}))
+    assert ok.multitask.gradient == "pcgrad"
+    assert recipe_from_dict(raw()).multitask.gradient == "sum"
+
+
 def test_needs_two_tasks_and_known_kinds() -> None:
     one = raw()
     del one["tasks"]["trec"]

@@ -127,41 +127,72 @@ def test_joint_steps_take_one_batch_of_every_task() -> None:
     assert len(multitask_loader(tasks, {"big": 30, "small": 5}, step="joint", steps_per_epoch=7).batches(None)) == 7
 
 
-def test_a_joint_step_is_one_optimiser_step_on_the_summed_loss() -> None:
+class Toy(torch.nn.Module):
+    """Two tasks share w and pull it different ways: L_t = (t + 1) * (w . x - t)^2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -0.3]))
+
+    def forward(self, x, index, targets=None):
+        task = int(x[0, 0])
+        pred = torch.stack([torch.ones(len(x)), index.float()], -1) @ self.w
+        return {}, None if targets is None else (task + 1) * ((pred - task) ** 2).mean()
+
+
+def toy_task(value: int) -> Loader:
+    return Loader(size=4, batches=lambda rng: [np.arange(4)] * 3,
+                  inputs=lambda i: (torch.full((len(i), 1), value), torch.as_tensor(i)),
+                  targets=lambda i: {f"t{value}": torch.as_tensor(i)})
+
+
+def reference_steps(tasks: tuple[int, ...], surgery: bool = False) -> torch.Tensor:
+    """w after three AdamW steps on the tasks' losses, each task's gradient kept apart and PCGrad-merged
+    when ``surgery``, summed by backward otherwise."""
+    from tasks.multi.gradients import pcgrad
+
+    model = Toy()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        losses = [model(torch.full((4, 1), t), torch.arange(4), targets=True)[1] for t in tasks]
+        if surgery:
+            parts = [[torch.autograd.grad(loss, model.w)[0]] for loss in losses]
+            model.w.grad = pcgrad(parts)[0][0]
+        else:
+            sum(losses).backward()
+        optimizer.step()
+    return model.w.detach()
+
+
+def fit_joint(gradient: str) -> tuple[torch.Tensor, list[dict[str, float]]]:
     from tasks.core.config import TrainConfig
     from tasks.core.fit import fit_loader
 
-    class Toy(torch.nn.Module):  # both tasks share w and pull it different ways: L_t = (t + 1) * (w . x - t)^2
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.tensor([0.5, -0.3]))
-
-        def forward(self, x, index, targets=None):
-            task = int(x[0, 0])
-            pred = torch.stack([torch.ones(len(x)), index.float()], -1) @ self.w
-            return {}, None if targets is None else (task + 1) * ((pred - task) ** 2).mean()
-
-    def toy(value: int) -> Loader:
-        return Loader(size=4, batches=lambda rng: [np.arange(4)] * 3,
-                      inputs=lambda i: (torch.full((len(i), 1), value), torch.as_tensor(i)),
-                      targets=lambda i: {f"t{value}": torch.as_tensor(i)})
-
-    def reference(tasks: tuple[int, ...]) -> torch.Tensor:
-        model = Toy()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
-        for _ in range(3):
-            optimizer.zero_grad()
-            sum(model(torch.full((4, 1), t), torch.arange(4), targets=True)[1] for t in tasks).backward()
-            optimizer.step()
-        return model.w.detach()
-
     cfg = TrainConfig(epochs=1, batch_size=4, lr=0.1, weight_decay=0.0, warmup_fraction=0.0, schedule="constant",
                       grad_clip=None, patience=5)
-    model = Toy()
-    joint = multitask_loader({"a": toy(0), "b": toy(1)}, {"a": 4, "b": 4}, step="joint", steps_per_epoch=3)
-    fit_loader(model, joint, lambda m, d: {"score": 0.0}, cfg, "score", progress=False)
-    assert torch.allclose(model.w, reference((0, 1)))  # three steps, each on L_a + L_b
-    assert not torch.allclose(model.w, reference((1,)), atol=1e-3)  # not the last part's loss alone
+    model, steps = Toy(), []
+    joint = multitask_loader({"a": toy_task(0), "b": toy_task(1)}, {"a": 4, "b": 4}, step="joint", steps_per_epoch=3,
+                             gradient=gradient)
+    fit_loader(model, joint, lambda m, d: {"score": 0.0}, cfg, "score", on_step=lambda i, m: steps.append(m),
+               progress=False)
+    return model.w.detach(), steps
+
+
+def test_a_joint_step_is_one_optimiser_step_on_the_summed_loss() -> None:
+    w, steps = fit_joint("sum")
+    assert torch.allclose(w, reference_steps((0, 1)))  # three steps, each on L_a + L_b
+    assert not torch.allclose(w, reference_steps((1,)), atol=1e-3)  # not the last part's loss alone
+    assert "grad_cosine" not in steps[0]
+
+
+def test_a_pcgrad_joint_step_merges_the_tasks_gradients_by_surgery() -> None:
+    w, steps = fit_joint("pcgrad")
+    assert torch.allclose(w, reference_steps((0, 1), surgery=True))
+    # the toy's two gradients agree at the first step and conflict from the second: the surgery changes the path
+    assert [s["grad_conflict"] for s in steps] == [0.0, 1.0, 1.0]
+    assert steps[0]["grad_cosine"] > 0 > steps[1]["grad_cosine"] >= -1.0
+    assert not torch.allclose(w, reference_steps((0, 1)), atol=1e-3)
 
 
 @pytest.mark.parametrize("step", ["single", "joint"])
