@@ -36,9 +36,10 @@ def pcgrad(parts: list[Grads]) -> tuple[Grads, dict[str, torch.Tensor]]:
     n, tasks = len(parts[0]), len(parts)
     if any(len(part) != n for part in parts):
         raise ValueError("pcgrad: every part must list the same parameters")
-    shared = [k for k in range(n) if sum(part[k] is not None for part in parts) > 1]
-    merged: Grads = [_sum([part[k] for part in parts]) if k not in shared else None for k in range(n)]
-    if not shared:
+    reached = [sum(part[k] is not None for part in parts) for k in range(n)]
+    shared = [k for k in range(n) if reached[k] > 1]
+    merged: Grads = [_sum([part[k] for part in parts]) if reached[k] <= 1 else None for k in range(n)]
+    if not shared:  # also one part alone: nothing to project
         zero = torch.zeros(())
         return merged, {"grad_cosine": zero, "grad_conflict": zero}
     device = next(part[k] for part in parts for k in shared if part[k] is not None).device
@@ -69,10 +70,9 @@ def pcgrad(parts: list[Grads]) -> tuple[Grads, dict[str, torch.Tensor]]:
         merged[k] = total
     norms = gram.diagonal().sqrt().clamp_min(tiny)
     cosines = gram / norms[:, None] / norms[None, :]
-    off_diagonal = ~torch.eye(tasks, dtype=torch.bool, device=device)
-    pairs = tasks * (tasks - 1)
-    return merged, {"grad_cosine": cosines[off_diagonal].mean().float() if pairs else torch.zeros(()),
-                    "grad_conflict": (conflicts / max(pairs, 1)).float()}
+    off_diagonal = ~torch.eye(tasks, dtype=torch.bool, device=device)  # a shared parameter means tasks >= 2
+    return merged, {"grad_cosine": cosines[off_diagonal].mean().float(),
+                    "grad_conflict": (conflicts / (tasks * (tasks - 1))).float()}
 
 
 def _sum(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
