@@ -37,6 +37,9 @@ class Loader:
     # with ``parts``: how the parts' gradients (one list per part, aligned on the trainable parameters,
     # None where a part did not reach one) become the step's, with step metrics to log; None: their sum
     combine: Callable[[list[list[torch.Tensor | None]]], tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]] | None = None
+    # which of the fit loop's optimisers takes a batch's step (multi-task, one optimiser per task: the
+    # batch's task); None: there is one optimiser
+    route: Callable[[Any], int] | None = None
 
 
 def logits_of(outputs: Any, head: str | None) -> torch.Tensor:

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,20 +168,26 @@ def fit_loader(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     groups: list[dict[str, Any]] | None = None,
     progress: bool | None = None,
+    route_groups: list[list[dict[str, Any]]] | None = None,
 ) -> FitResult:
     """Train ``model`` on its own loss with early stopping on ``validate(model)[primary_metric]``.
 
     Resumes from ``checkpoint_dir/last.pt`` when it exists. ``groups`` are optimiser parameter groups
     (default :func:`param_groups`); ``progress`` None shows bars only when stderr is a terminal.
+    ``route_groups`` instead gives several optimisers, one per list of groups: each step is taken by
+    the one ``train.route(batch)`` names (multi-task: one per task), all on the one schedule.
     """
+    if route_groups is not None and (train.route is None or groups is not None):
+        raise ValueError("route_groups needs a loader with route, and no groups")
     with torch_threads(cfg.threads):
-        return _fit(model, train, validate, cfg, primary_metric, checkpoint_dir, on_step, on_epoch, groups, progress)
+        return _fit(model, train, validate, cfg, primary_metric, checkpoint_dir, on_step, on_epoch,
+                    route_groups if route_groups is not None else [groups], progress)
 
 
 def _fit(
     model: torch.nn.Module, train: Loader, validate: Validator, cfg: TrainConfig, primary_metric: str,
     checkpoint_dir: Path | None, on_step: Callable[[int, dict[str, float]], None] | None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None, groups: list[dict[str, Any]] | None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None, group_sets: list[list[dict[str, Any]] | None],
     progress: bool | None,
 ) -> FitResult:
     torch.manual_seed(cfg.seed)
@@ -190,8 +197,7 @@ def _fit(
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = make_optimizer(model, cfg, groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, cfg))
+    optimizers, schedulers = _optimizers(model, cfg, group_sets, total_steps)
     result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_score=-math.inf)
     start_epoch, bad_epochs, step = 1, 0, 0
 
@@ -200,15 +206,17 @@ def _fit(
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            if len(ckpt["optimizer"]) != len(optimizers):
+                raise ValueError(f"{len(ckpt['optimizer'])} optimisers saved, {len(optimizers)} wanted")
+            for optimizer, scheduler, o_state, s_state in zip(optimizers, schedulers, ckpt["optimizer"], ckpt["scheduler"]):
+                optimizer.load_state_dict(o_state)
+                scheduler.load_state_dict(s_state)
             torch.set_rng_state(ckpt["torch_rng"])
         except Exception as exc:  # a checkpoint of another shape: start over exactly as a fresh run would
             log.warning("train: checkpoint %s does not fit this model (%s: %s); training from epoch 0",
                         last, type(exc).__name__, exc)
             model.load_state_dict(result.best_state)
-            optimizer = make_optimizer(model, cfg, groups)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(total_steps, cfg))
+            optimizers, schedulers = _optimizers(model, cfg, group_sets, total_steps)
             torch.manual_seed(cfg.seed)
             ckpt = None
     if ckpt is not None:
@@ -232,7 +240,7 @@ def _fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not show, file=sys.stderr,
                    leave=False, dynamic_ncols=True)
         for batch in bar:
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             part_grads: list[list[torch.Tensor | None]] = []
             # one backward per part accumulates the gradient of the summed loss without holding every
@@ -254,14 +262,19 @@ def _fit(
                 for p, g in zip(trainable, merged):
                     p.grad = g
             grad_norm = clip_gradients(model, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            optimizers[train.route(batch) if len(optimizers) > 1 else 0].step()
+            with warnings.catch_warnings():
+                # every schedule follows the global step; one whose optimiser has not stepped yet (the
+                # other tasks' batches came first) would warn that the order looks wrong: it is not
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for scheduler in schedulers:
+                    scheduler.step()
             step += 1
             losses.append(step_loss.item())  # one host sync per step, however many parts
             if step % 10 == 0 or step == 1:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
             if on_step is not None:
-                on_step(step, {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                on_step(step, {"train_loss": losses[-1], "lr": schedulers[0].get_last_lr()[0], "grad_norm": float(grad_norm),
                                **{k: float(v) for k, v in step_stats.items()}})
         bar.close()
         val = validate(model, device)
@@ -282,12 +295,19 @@ def _fit(
         if last is not None:
             last.parent.mkdir(parents=True, exist_ok=True)
             tmp = last.with_suffix(".tmp")  # written whole, then renamed: last.pt is never half-written
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "result": result,
+            torch.save({"model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
+                        "scheduler": [s.state_dict() for s in schedulers], "torch_rng": torch.get_rng_state(), "result": result,
                         "epoch": epoch, "bad_epochs": bad_epochs, "step": step}, tmp)
             tmp.replace(last)  # a crash mid-save keeps the previous checkpoint intact
     model.load_state_dict(result.best_state)
     return result
+
+
+def _optimizers(model: torch.nn.Module, cfg: TrainConfig, group_sets: list[list[dict[str, Any]] | None],
+                total_steps: int) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LambdaLR]]:
+    """One optimiser per set of groups (None: :func:`param_groups`), each with the schedule over ``total_steps``."""
+    optimizers = [make_optimizer(model, cfg, groups) for groups in group_sets]
+    return optimizers, [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(total_steps, cfg)) for o in optimizers]
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "torch_rng", "result", "epoch", "bad_epochs", "step")

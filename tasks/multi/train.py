@@ -1,7 +1,10 @@
 """Stage: train (multi-task). One shared encoder (scratch or pretrained) with one head per task, trained on
 batches drawn across the tasks (``multitask.sampling``) with loss ``sum_t w_t * L_t`` (``tasks.<t>.loss_weight``).
 A task's batches have its own ``tasks.<t>.train.batch_size`` and its head learns at its own
-``tasks.<t>.train.head_lr``; the encoder's learning rate and the schedule are shared.
+``tasks.<t>.train.head_lr``; the schedule is shared. One AdamW takes every step, or, with
+``multitask.optimizer: per_task``, each task's own AdamW over the encoder and its head takes the steps of
+that task's batches, with the encoder at ``tasks.<t>.train.lr``: a task's moments then hold its own
+gradients only, so the update a step makes is scaled as in that task's single-task training.
 
 Per step the fit loop's ``train_loss`` / ``lr`` / ``grad_norm`` are logged with ``<task>.train_loss`` (the
 task of that step's batch); per epoch every task's train loss and validation metrics as
@@ -96,6 +99,13 @@ def build_model(recipe: MultiRecipe, encoded: StageRef) -> tuple[MultiTaskModel,
         labels[name] = adapter.labels(encoded_t[name])
         heads[name] = adapter.head(sub, encoder.hidden_size, len(labels[name]))
     return MultiTaskModel(encoder, heads, recipe.loss_weights()), labels
+
+
+def task_groups(model: MultiTaskModel, task: str, lr: float, cfg: Any, head_lr: float | None) -> list[dict[str, Any]]:
+    """The optimiser groups of one task's own optimiser: the shared encoder at ``lr`` and that task's head."""
+    others = {id(p) for name, head in model.heads.items() if name != task for p in head.parameters()}
+    groups = param_groups(model, lr, cfg.weight_decay, head_lr, cfg.layer_lr_decay)
+    return [g for g in ({**g, "params": [p for p in g["params"] if id(p) not in others]} for g in groups) if g["params"]]
 
 
 class TaskLosses:
@@ -207,12 +217,17 @@ def run(
         val = {f"{name}.{k}": v for name, check in validators.items() for k, v in check(m, device).items()}
         return {**val, SELECTION: selection_score(val, primaries, recipe)}
 
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr, cfg.layer_lr_decay, head_lrs)
+    groups = route_groups = None
+    if mt.optimizer == "per_task":
+        route_groups = [task_groups(model, name, sub.train.lr, cfg, head_lrs.get(name, cfg.head_lr))
+                        for name, sub in recipe.sub_recipes().items()]
+    else:
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr, cfg.layer_lr_decay, head_lrs)
     checkpoint_dir = checkpoints_root / STAGE / key.fingerprint
     started = time.perf_counter()
     with TaskLosses(model, on_step, on_epoch) as callbacks:
         result = fit_loader(model, train_loader, validate, cfg, SELECTION, checkpoint_dir, callbacks.on_step,
-                            callbacks.on_epoch, groups)
+                            callbacks.on_epoch, groups, route_groups=route_groups)
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="nightshift-multi-") as tmp:
         write_views(model, recipe, encoded, labels, Path(tmp))

@@ -45,15 +45,21 @@ def test_shared_model_train_and_tokenizer_reach_every_task() -> None:
         assert sub.tokenizer.vocab_size == 5000 and sub.tokenizer.max_length == 40
 
 
-def test_a_task_sets_its_own_batch_size_and_head_lr() -> None:
+def test_a_task_sets_its_own_batch_size_head_lr_and_with_its_own_optimiser_lr() -> None:
     bad = raw(train={"batch_size": 32, "head_lr": 1e-3})
     bad["tasks"]["trec"]["train"] = {"batch_size": 16, "head_lr": 3e-3}
     subs = recipe_from_dict(bad).sub_recipes()
     assert (subs["trec"].train.batch_size, subs["trec"].train.head_lr) == (16, 3e-3)
     assert (subs["sst2"].train.batch_size, subs["sst2"].train.head_lr) == (32, 1e-3)  # the shared values
-    assert subs["trec"].train.lr == subs["sst2"].train.lr == 1e-4  # the encoder's rate stays shared
+    assert subs["trec"].train.lr == subs["sst2"].train.lr == 1e-4  # one shared optimiser: one encoder rate
     bad["tasks"]["trec"]["train"] = {"lr": 1e-3}
-    with pytest.raises(RecipeError, match=r"tasks\.trec\.train\.lr: Extra inputs are not permitted"):
+    with pytest.raises(RecipeError, match=r"tasks\.trec\.train\.lr: an encoder rate per task needs multitask\.optimizer: per_task"):
+        recipe_from_dict(bad)
+    bad["multitask"] = {"optimizer": "per_task"}
+    subs = recipe_from_dict(bad).sub_recipes()
+    assert (subs["trec"].train.lr, subs["sst2"].train.lr) == (1e-3, 1e-4)
+    bad["multitask"]["step"] = "joint"
+    with pytest.raises(RecipeError, match="optimizer: per_task needs step: single"):
         recipe_from_dict(bad)
 
 

@@ -217,3 +217,58 @@ def test_seeded_epochs_continue_each_tasks_passes(step: str) -> None:
         assert len(rows[0]) == 15 * 7 * 10 and len(rows[1]) == 15 * 7 * 10
     again = multitask_loader(loaders(SIZES), BATCH, "temperature", 2.0, steps_per_epoch=7, step=step, seed=13)
     assert [str(b) for b in again.epoch_batches(9)] == [str(b) for b in loader.epoch_batches(9)]  # resumable
+
+
+def test_per_task_optimisers_each_take_their_own_tasks_steps() -> None:
+    from tasks.core.config import TrainConfig
+    from tasks.core.fit import fit_loader
+
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=0.1, weight_decay=0.0, warmup_fraction=0.0, schedule="constant",
+                      grad_clip=None, patience=5)
+    rr = multitask_loader({"a": toy_task(0), "b": toy_task(1)}, {"a": 4, "b": 4}, "round_robin", steps_per_epoch=4)
+    assert [rr.route(batch) for batch in rr.batches(None)] == [0, 1, 0, 1]
+
+    def fitted(per_task: bool) -> torch.Tensor:
+        model = Toy()
+        groups = [[{"params": [model.w], "weight_decay": 0.0}] for _ in range(2)]
+        fit_loader(model, rr, lambda m, d: {"score": 0.0}, cfg, "score", progress=False,
+                   route_groups=groups if per_task else None)
+        return model.w.detach()
+
+    # the reference: two AdamW over the same w, task a's steps by one and task b's by the other
+    model = Toy()
+    adam = [torch.optim.AdamW([model.w], lr=0.1, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0) for _ in range(2)]
+    for t in (0, 1, 0, 1):
+        model.zero_grad()
+        model(torch.full((4, 1), t), torch.arange(4), targets=True)[1].backward()
+        adam[t].step()
+    assert torch.allclose(fitted(per_task=True), model.w.detach())
+    # one shared optimiser mixes the tasks' moments: another path
+    assert not torch.allclose(fitted(per_task=False), model.w.detach(), atol=1e-3)
+    with pytest.raises(ValueError, match="route_groups needs a loader with route"):
+        joint = multitask_loader({"a": toy_task(0), "b": toy_task(1)}, {"a": 4, "b": 4}, step="joint")
+        fit_loader(Toy(), joint, lambda m, d: {"score": 0.0}, cfg, "score", route_groups=[[], []])
+
+
+def test_per_task_optimisers_resume_where_they_stopped(tmp_path) -> None:
+    from tasks.core.config import TrainConfig
+    from tasks.core.fit import fit_loader
+
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.1, weight_decay=0.0, warmup_fraction=0.3, grad_clip=None,
+                      patience=5)
+    rr = multitask_loader({"a": toy_task(0), "b": toy_task(1)}, {"a": 4, "b": 4}, "round_robin", steps_per_epoch=3)
+
+    def fitted(checkpoint_dir=None, on_epoch=None) -> torch.Tensor:
+        model = Toy()
+        groups = [[{"params": [model.w], "weight_decay": 0.0}] for _ in range(2)]
+        fit_loader(model, rr, lambda m, d: {"score": float(-m.w.detach().abs().sum())}, cfg, "score", checkpoint_dir,
+                   on_epoch=on_epoch, progress=False, route_groups=groups)
+        return model.w.detach()
+
+    def stop(epoch: int, metrics: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fitted(tmp_path, stop)  # epoch 1's checkpoint holds both optimisers' moments
+    assert torch.equal(fitted(tmp_path), fitted())

@@ -8,7 +8,7 @@ import torch
 from models.encoders import EncoderConfig, ScratchEncoder
 from models.heads import SequenceHead, TokenHead
 from models.multitask import MultiTaskModel
-from tasks.multi.train import TaskLosses, _single_task_checkpoint, selection_score
+from tasks.multi.train import TaskLosses, _single_task_checkpoint, selection_score, task_groups
 from tasks.registry import recipe_from_dict
 
 
@@ -81,3 +81,16 @@ def test_per_task_losses_and_validation_metrics_are_logged_under_task_prefixes()
     assert epochs[0]["sst2.val_accuracy"] == 0.8 and epochs[0]["val_selection_score"] == 0.7
     assert epochs[0]["sst2.train_loss"] == pytest.approx((steps[0]["sst2.train_loss"] + steps[2]["sst2.train_loss"]) / 2)
     assert "wnut17.train_loss" in epochs[0] and callbacks.sums == {}
+
+
+def test_a_tasks_own_optimiser_holds_the_encoder_and_its_head_only() -> None:
+    from tasks.core.config import TrainConfig
+
+    model = shared_model()
+    groups = task_groups(model, "sst2", 2e-4, TrainConfig(weight_decay=0.01), 3e-3)
+    owned = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert all(owned[id(p)] == 2e-4 for p in model.encoder.parameters())
+    assert all(owned[id(p)] == 3e-3 for p in model.heads["sst2"].parameters())
+    assert not any(id(p) in owned for p in model.heads["wnut17"].parameters())
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.heads["sst2"].proj.weight) in decayed and id(model.heads["sst2"].proj.bias) not in decayed
