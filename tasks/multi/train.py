@@ -40,6 +40,7 @@ from models.encoders import (
     resolve_pretrained,
 )
 from models.multitask import MultiTaskModel, param_groups
+from tasks.core.config import TrainConfig
 from tasks.core.fit import MODEL_FILE, STAGE, StepCallback, fit_loader, store_trained
 from tasks.core.store import ArtifactStore, StageRef, stage_key
 from tasks.multi.adapters import adapter_for
@@ -101,7 +102,8 @@ def build_model(recipe: MultiRecipe, encoded: StageRef) -> tuple[MultiTaskModel,
     return MultiTaskModel(encoder, heads, recipe.loss_weights()), labels
 
 
-def task_groups(model: MultiTaskModel, task: str, lr: float, cfg: Any, head_lr: float | None) -> list[dict[str, Any]]:
+def task_groups(model: MultiTaskModel, task: str, lr: float, cfg: TrainConfig, head_lr: float | None
+                ) -> list[dict[str, Any]]:
     """The optimiser groups of one task's own optimiser: the shared encoder at ``lr`` and that task's head."""
     others = {id(p) for name, head in model.heads.items() if name != task for p in head.parameters()}
     groups = param_groups(model, lr, cfg.weight_decay, head_lr, cfg.layer_lr_decay)
