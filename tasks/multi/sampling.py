@@ -132,7 +132,7 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
         return assemble(tasks[-1], lambda t: next(streams[t]))
 
     def route(index: np.ndarray) -> int:
-        return task_of_batch(sizes, index)
+        return int(np.searchsorted(offsets, index[0], side="right") - 1)
 
     def split(index: np.ndarray) -> tuple[str, np.ndarray]:
         t = route(index)
@@ -159,6 +159,6 @@ def _stream(loader: Loader, seed: int, task: int) -> Iterator[np.ndarray]:
 
 
 def task_of_batch(loader_sizes: list[int], index: np.ndarray) -> int:
-    """The task index of a global index batch."""
+    """The task index of a global index batch (for tests and logging)."""
     offsets = np.concatenate([[0], np.cumsum(loader_sizes)])
     return int(np.searchsorted(offsets, index[0], side="right") - 1)

@@ -221,7 +221,7 @@ def run(
 
     groups = route_groups = None
     if mt.optimizer == "per_task":
-        route_groups = [task_groups(model, name, sub.train.lr, cfg, head_lrs.get(name, cfg.head_lr))
+        route_groups = [task_groups(model, name, sub.train.lr, cfg, sub.train.head_lr)  # the task's own, else the shared
                         for name, sub in recipe.sub_recipes().items()]
     else:
         groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.head_lr, cfg.layer_lr_decay, head_lrs)
