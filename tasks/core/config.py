@@ -118,6 +118,11 @@ class TrainConfig(Section):
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up linearly.")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing (0: plain cross-entropy).")
     grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
+    ema_decay: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="Validate and keep an exponential moving average of the weights with this decay (e.g. 0.999: "
+                    "about the last 1,000 steps); null: the weights themselves.",
+    )
     seed: int = Field(default=13, description="Seed of initialisation, shuffling and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto uses CUDA (bf16 autocast) when present, else CPU.")
     patience: int = Field(default=2, ge=1, description="Stop after this many epochs without validation improvement.")

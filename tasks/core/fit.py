@@ -6,7 +6,9 @@ steps on that loss. AdamW with decoupled weight decay (or Adam: ``train.optimize
 parameter groups the kind gives (no decay on biases, norms or embeddings; separate head and
 layer-wise learning rates for pretrained encoders), linear warmup then linear decay (or constant),
 gradient clipping, CUDA with bf16 autocast when present, else CPU with ``train.threads`` threads
-(restored afterwards); seeded so a CPU rerun is identical; early stopping on the validation metric;
+(restored afterwards); seeded so a CPU rerun is identical; optionally an exponential moving average
+of the weights (``train.ema_decay``) that is what gets validated and kept; early stopping on the
+validation metric;
 a checkpoint after every epoch under ``$NIGHTSHIFT_HOME/checkpoints/train/<fingerprint>/`` so an
 interrupted run resumes where it stopped. A progress bar per epoch (step, loss, ETA) and one line
 per epoch go to the terminal; both stay quiet when stderr is not a terminal.
@@ -142,6 +144,46 @@ def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     }
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights (``train.ema_decay``).
+
+    After every optimiser step ``avg <- avg + (1 - d) * (w - avg)`` with ``d = min(decay, (1 + n) / (10 + n))``
+    at update n, so the average follows the weights closely while they move fast early on and settles
+    towards ``decay`` later. Validation and the kept weights use the average (:meth:`applied`); training
+    continues on the raw weights. Non-float buffers (position ids) are left alone.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        state = model.state_dict()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.shadow.values()), [state[k].detach() for k in self.shadow], 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        """The body sees the averaged weights in ``model``; its own weights come back afterwards."""
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(raw, strict=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["shadow"].keys() != self.shadow.keys():
+            raise ValueError("the saved weight average holds other tensors than this model")
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["shadow"].items()}
+
+
 @dataclass
 class FitResult:
     """What :func:`fit_loader` returns: the best weights, when they were reached, the history."""
@@ -198,6 +240,7 @@ def _fit(
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     optimizers, schedulers = _optimizers(model, cfg, group_sets, total_steps)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, best_score=-math.inf)
     start_epoch, bad_epochs, step = 1, 0, 0
 
@@ -211,12 +254,15 @@ def _fit(
             for optimizer, scheduler, o_state, s_state in zip(optimizers, schedulers, ckpt["optimizer"], ckpt["scheduler"]):
                 optimizer.load_state_dict(o_state)
                 scheduler.load_state_dict(s_state)
+            if average is not None:
+                average.load_state_dict(ckpt["ema"])  # KeyError when saved without one: start over
             torch.set_rng_state(ckpt["torch_rng"])
         except Exception as exc:  # a checkpoint of another shape: start over exactly as a fresh run would
             log.warning("train: checkpoint %s does not fit this model (%s: %s); training from epoch 0",
                         last, type(exc).__name__, exc)
             model.load_state_dict(result.best_state)
             optimizers, schedulers = _optimizers(model, cfg, group_sets, total_steps)
+            average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
             torch.manual_seed(cfg.seed)
             ckpt = None
     if ckpt is not None:
@@ -269,6 +315,8 @@ def _fit(
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 for scheduler in schedulers:
                     scheduler.step()
+            if average is not None:
+                average.update(model)
             step += 1
             losses.append(step_loss.item())  # one host sync per step, however many parts
             if step % 10 == 0 or step == 1:
@@ -277,16 +325,18 @@ def _fit(
                 on_step(step, {"train_loss": losses[-1], "lr": schedulers[0].get_last_lr()[0], "grad_norm": float(grad_norm),
                                **{k: float(v) for k, v in step_stats.items()}})
         bar.close()
-        val = validate(model, device)
+        with average.applied(model) if average is not None else contextlib.nullcontext():
+            val = validate(model, device)
+            if improved := val[primary_metric] > result.best_score:  # keep the weights just validated
+                result.best_state = copy.deepcopy(model.state_dict())
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    **{f"val_{k}": v for k, v in val.items()}}
         result.history.append(metrics)
         if show:
             tqdm.write(f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}, "
                        f"validation {primary_metric} {val[primary_metric]:.4f} ({step} steps)", file=sys.stderr)
-        if val[primary_metric] > result.best_score:
+        if improved:
             result.best_score, result.best_epoch, bad_epochs = val[primary_metric], epoch, 0
-            result.best_state = copy.deepcopy(model.state_dict())
         else:
             bad_epochs += 1
         result.steps = step
@@ -297,7 +347,7 @@ def _fit(
             tmp = last.with_suffix(".tmp")  # written whole, then renamed: last.pt is never half-written
             torch.save({"model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
                         "scheduler": [s.state_dict() for s in schedulers], "torch_rng": torch.get_rng_state(), "result": result,
-                        "epoch": epoch, "bad_epochs": bad_epochs, "step": step}, tmp)
+                        "ema": average.state_dict() if average is not None else None, "epoch": epoch, "bad_epochs": bad_epochs, "step": step}, tmp)
             tmp.replace(last)  # a crash mid-save keeps the previous checkpoint intact
     model.load_state_dict(result.best_state)
     return result

@@ -13,7 +13,7 @@ from models.encoders import EncoderConfig
 from models.multitask import MultiTaskModel, build_text_model, param_groups
 from tasks.core.batching import predict_loader
 from tasks.core.config import TrainConfig
-from tasks.core.fit import FitResult, fit_loader, score, torch_threads, warmup_linear
+from tasks.core.fit import FitResult, WeightAverage, fit_loader, score, torch_threads, warmup_linear
 from tasks.text.loader import (
     EncodedSplit,
     collate,
@@ -165,3 +165,65 @@ def test_label_smoothing_changes_the_training_loss() -> None:
 
     plain, smoothed = final_loss(0.0), final_loss(0.4)
     assert smoothed > plain + 0.1
+
+
+def test_weight_average_follows_the_formula() -> None:
+    """avg <- avg + (1 - d)(w - avg), d = min(decay, (1 + n) / (10 + n)); integer buffers untouched."""
+    layer = torch.nn.Linear(2, 1)
+    layer.register_buffer("ids", torch.arange(3))
+    start = layer.weight.detach().clone()
+    average = WeightAverage(layer, decay=0.5)
+    assert "ids" not in average.shadow
+    expected = start.clone()
+    for n in (1, 2, 3):
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = expected + (1 - d) * (layer.weight.detach() - expected)
+        average.update(layer)
+    torch.testing.assert_close(average.shadow["weight"], expected)
+    raw = layer.weight.detach().clone()
+    with average.applied(layer):
+        torch.testing.assert_close(layer.weight.detach(), expected)
+    torch.testing.assert_close(layer.weight.detach(), raw)  # training resumes on its own weights
+
+
+def test_ema_is_what_gets_validated_and_kept() -> None:
+    """With train.ema_decay the stored weights are the running average of the weights after every step."""
+    model = small_model()
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def after_step(step: int, metrics: dict) -> None:
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
+
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    result = fit(model, synthetic(400, 0), synthetic(100, 1), cfg(epochs=1, ema_decay=0.9), "accuracy",
+                 on_step=after_step)
+    expected = dict(initial)
+    for n, weights in enumerate(seen, start=1):
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = {k: e + (1 - d) * (weights[k] - e) for k, e in expected.items()}
+    for key, value in expected.items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert not torch.equal(model.state_dict()["heads.label.proj.weight"], seen[-1]["heads.label.proj.weight"])
+    assert result.best_epoch == 1
+
+
+def test_ema_learns_and_resumes_exactly(tmp_path: Path) -> None:
+    train, val = synthetic(600, 0), synthetic(200, 1)
+    full = fit(small_model(), train, val, cfg(epochs=3, ema_decay=0.95), "accuracy")
+    assert full.best_score > 0.9
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch: int, metrics: dict) -> None:
+        if epoch == 2:
+            raise Interrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        fit(small_model(), train, val, cfg(epochs=3, ema_decay=0.95), "accuracy", ckpt, on_epoch=stop_after_two)
+    resumed = fit(small_model(), train, val, cfg(epochs=3, ema_decay=0.95), "accuracy", ckpt)
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.history == full.history  # the average's state travels with the checkpoint
