@@ -147,28 +147,36 @@ def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 class WeightAverage:
     """An exponential moving average of a model's floating-point weights (``train.ema_decay``).
 
-    After every optimiser step ``avg <- avg + (1 - d) * (w - avg)`` with ``d = min(decay, (1 + n) / (10 + n))``
-    at update n, so the average follows the weights closely while they move fast early on and settles
-    towards ``decay`` later. Validation and the kept weights use the average (:meth:`applied`); training
-    continues on the raw weights. Non-float buffers (position ids) are left alone.
+    After update n the average is ``sum_i (1 - d) d**(n - i) w_i / (1 - d**n)`` over the weights ``w_i``
+    after every optimiser step so far: Adam's bias correction, so it is an average of the weights seen
+    (the initial ones are not in it) and looks back about ``1 / (1 - d)`` steps from the first update on.
+    Validation and the kept weights use it (:meth:`applied`); training continues on the raw weights.
+    Non-float buffers (position ids) are left alone.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
 
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         state = model.state_dict()
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.shadow.values()), [state[k].detach() for k in self.shadow], 1.0 - d)
+            torch._foreach_lerp_(list(self.shadow.values()), [state[k].detach() for k in self.shadow], 1.0 - self.decay)
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """The bias-corrected average (before any update: nothing to average, so nothing)."""
+        if self.updates == 0:
+            return {}
+        correction = 1.0 - self.decay ** self.updates
+        return {k: v / correction for k, v in self.shadow.items()}
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
         """The body sees the averaged weights in ``model``; its own weights come back afterwards."""
-        raw = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict(self.shadow, strict=False)
+        averaged = self.averaged()
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items() if k in averaged}
+        model.load_state_dict(averaged, strict=False)
         try:
             yield
         finally:

@@ -167,21 +167,23 @@ def test_label_smoothing_changes_the_training_loss() -> None:
     assert smoothed > plain + 0.1
 
 
-def test_weight_average_follows_the_formula() -> None:
-    """avg <- avg + (1 - d)(w - avg), d = min(decay, (1 + n) / (10 + n)); integer buffers untouched."""
+def test_weight_average_is_the_bias_corrected_ema() -> None:
+    """After n updates: sum_i (1-d) d^(n-i) w_i / (1 - d^n); integer buffers untouched, raw weights restored."""
     layer = torch.nn.Linear(2, 1)
     layer.register_buffer("ids", torch.arange(3))
-    start = layer.weight.detach().clone()
     average = WeightAverage(layer, decay=0.5)
     assert "ids" not in average.shadow
-    expected = start.clone()
-    for n in (1, 2, 3):
+    raw = layer.weight.detach().clone()
+    with average.applied(layer):  # nothing averaged yet: the weights as they are
+        torch.testing.assert_close(layer.weight.detach(), raw)
+    seen = []
+    for _ in range(3):
         with torch.no_grad():
             layer.weight.add_(1.0)
-        d = min(0.5, (1 + n) / (10 + n))
-        expected = expected + (1 - d) * (layer.weight.detach() - expected)
+        seen.append(layer.weight.detach().clone())
         average.update(layer)
-    torch.testing.assert_close(average.shadow["weight"], expected)
+    expected = sum(0.5 * 0.5 ** (3 - i) * w for i, w in enumerate(seen, start=1)) / (1 - 0.5 ** 3)
+    torch.testing.assert_close(average.averaged()["weight"], expected)
     raw = layer.weight.detach().clone()
     with average.applied(layer):
         torch.testing.assert_close(layer.weight.detach(), expected)
@@ -189,22 +191,19 @@ def test_weight_average_follows_the_formula() -> None:
 
 
 def test_ema_is_what_gets_validated_and_kept() -> None:
-    """With train.ema_decay the stored weights are the running average of the weights after every step."""
+    """With train.ema_decay the stored weights are the average of the weights after every step."""
     model = small_model()
     seen: list[dict[str, torch.Tensor]] = []
 
     def after_step(step: int, metrics: dict) -> None:
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
 
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     result = fit(model, synthetic(400, 0), synthetic(100, 1), cfg(epochs=1, ema_decay=0.9), "accuracy",
                  on_step=after_step)
-    expected = dict(initial)
-    for n, weights in enumerate(seen, start=1):
-        d = min(0.9, (1 + n) / (10 + n))
-        expected = {k: e + (1 - d) * (weights[k] - e) for k, e in expected.items()}
-    for key, value in expected.items():
-        torch.testing.assert_close(model.state_dict()[key], value)
+    n = len(seen)
+    for key in seen[0]:
+        expected = sum(0.1 * 0.9 ** (n - i) * w[key] for i, w in enumerate(seen, start=1)) / (1 - 0.9 ** n)
+        torch.testing.assert_close(model.state_dict()[key], expected)
     assert not torch.equal(model.state_dict()["heads.label.proj.weight"], seen[-1]["heads.label.proj.weight"])
     assert result.best_epoch == 1
 
