@@ -8,10 +8,10 @@ layer-wise learning rates for pretrained encoders), linear warmup then linear de
 gradient clipping, CUDA with bf16 autocast when present, else CPU with ``train.threads`` threads
 (restored afterwards); seeded so a CPU rerun is identical; optionally an exponential moving average
 of the weights (``train.ema_decay``) that is what gets validated and kept; early stopping on the
-validation metric;
-a checkpoint after every epoch under ``$NIGHTSHIFT_HOME/checkpoints/train/<fingerprint>/`` so an
-interrupted run resumes where it stopped. A progress bar per epoch (step, loss, ETA) and one line
-per epoch go to the terminal; both stay quiet when stderr is not a terminal.
+validation metric; a checkpoint after every epoch under
+``$NIGHTSHIFT_HOME/checkpoints/train/<fingerprint>/`` so an interrupted run resumes where it stopped.
+A progress bar per epoch (step, loss, ETA) and one line per epoch go to the terminal; both stay quiet
+when stderr is not a terminal.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def _fit(
                 optimizer.load_state_dict(o_state)
                 scheduler.load_state_dict(s_state)
             if average is not None:
-                average.load_state_dict(ckpt["ema"])  # KeyError when saved without one: start over
+                average.load_state_dict(ckpt["ema"])  # saved without one (None, or absent): start over
             torch.set_rng_state(ckpt["torch_rng"])
         except Exception as exc:  # a checkpoint of another shape: start over exactly as a fresh run would
             log.warning("train: checkpoint %s does not fit this model (%s: %s); training from epoch 0",
