@@ -128,23 +128,27 @@ def test_rerun_is_identical() -> None:
     assert a.history == b.history
 
 
-def test_resume_from_checkpoint_matches_uninterrupted(tmp_path: Path) -> None:
-    train, val = synthetic(300, 0), synthetic(100, 1)
-    full = fit(small_model(), train, val, cfg(epochs=3), "accuracy")
+class Interrupt(Exception):
+    pass
 
-    class Interrupt(Exception):
-        pass
 
+def interrupted_then_resumed(train: EncodedSplit, val: EncodedSplit, config: TrainConfig, ckpt: Path) -> FitResult:
+    """Fit, interrupted at epoch 2, then fit again from ``ckpt``: the resumed run's result."""
     def stop_after_two(epoch: int, metrics: dict) -> None:
         if epoch == 2:
             raise Interrupt
 
-    ckpt = tmp_path / "ckpt"
     with pytest.raises(Interrupt):
         # the checkpoint of epoch 2 is written after on_epoch; interrupt at epoch 2 leaves epoch 1's
-        fit(small_model(), train, val, cfg(epochs=3), "accuracy", ckpt, on_epoch=stop_after_two)
+        fit(small_model(), train, val, config, "accuracy", ckpt, on_epoch=stop_after_two)
     assert (ckpt / "last.pt").exists()
-    resumed = fit(small_model(), train, val, cfg(epochs=3), "accuracy", ckpt)
+    return fit(small_model(), train, val, config, "accuracy", ckpt)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path: Path) -> None:
+    train, val = synthetic(300, 0), synthetic(100, 1)
+    full = fit(small_model(), train, val, cfg(epochs=3), "accuracy")
+    resumed = interrupted_then_resumed(train, val, cfg(epochs=3), tmp_path / "ckpt")
     assert resumed.resumed_from_epoch == 1
     assert resumed.history == full.history
 
@@ -212,17 +216,6 @@ def test_ema_learns_and_resumes_exactly(tmp_path: Path) -> None:
     train, val = synthetic(600, 0), synthetic(200, 1)
     full = fit(small_model(), train, val, cfg(epochs=3, ema_decay=0.95), "accuracy")
     assert full.best_score > 0.9
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(epoch: int, metrics: dict) -> None:
-        if epoch == 2:
-            raise Interrupt
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
-        fit(small_model(), train, val, cfg(epochs=3, ema_decay=0.95), "accuracy", ckpt, on_epoch=stop_after_two)
-    resumed = fit(small_model(), train, val, cfg(epochs=3, ema_decay=0.95), "accuracy", ckpt)
+    resumed = interrupted_then_resumed(train, val, cfg(epochs=3, ema_decay=0.95), tmp_path / "ckpt")
     assert resumed.resumed_from_epoch == 1
     assert resumed.history == full.history  # the average's state travels with the checkpoint
