@@ -123,10 +123,10 @@ class TrainConfig(Section):
         description="Validate and keep an exponential moving average of the weights with this decay (e.g. 0.999: "
                     "about the last 1,000 steps); null: the weights themselves.",
     )
-    probe_steps: int = Field(
-        default=0, ge=0,
-        description="Linear probing, then fine-tuning (LP-FT): the first N optimiser steps train the heads alone at "
-                    "their peak rate, the encoder frozen; warmup and decay then run over the remaining steps. 0: off.",
+    probe_fraction: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Linear probing, then fine-tuning (LP-FT): this fraction of the steps first trains the heads alone at "
+                    "their peak rate, the encoder frozen; warmup and decay then run over the steps left. 0: off.",
     )
     seed: int = Field(default=13, description="Seed of initialisation, shuffling and dropout.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto uses CUDA (bf16 autocast) when present, else CPU.")

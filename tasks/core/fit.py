@@ -66,14 +66,19 @@ def warmup_constant(total_steps: int, warmup_fraction: float) -> Callable[[int],
 def lr_multiplier(total_steps: int, cfg: TrainConfig) -> Callable[[int], float]:
     """The LR multiplier per step that ``train.schedule`` and ``train.warmup_fraction`` ask for.
 
-    With ``train.probe_steps`` N the first N steps run at 1 (only the heads train then) and the
-    schedule runs over the other ``total_steps - N``, warmup included: fine-tuning starts from
-    trained heads with the encoder warming up as it would without the probe.
+    With ``train.probe_fraction`` the first :func:`probe_steps` steps run at 1 (only the heads train
+    then) and the schedule runs over the steps left, warmup included: fine-tuning starts from trained
+    heads with the encoder warming up as it would without the probe.
     """
     make = warmup_constant if cfg.schedule == "constant" else warmup_linear
-    probe = cfg.probe_steps
+    probe = probe_steps(total_steps, cfg)
     tune = make(max(1, total_steps - probe), cfg.warmup_fraction)
     return lambda step: 1.0 if step < probe else tune(step - probe)
+
+
+def probe_steps(total_steps: int, cfg: TrainConfig) -> int:
+    """How many of the first steps ``train.probe_fraction`` trains the heads alone: always fewer than all."""
+    return int(total_steps * cfg.probe_fraction)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
@@ -289,7 +294,8 @@ def _fit(
     show = (sys.stderr.isatty() if progress is None else progress)
     combine = train.combine if train.parts is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    probed = _probed(model, cfg, total_steps, combine is not None)
+    probe = probe_steps(total_steps, cfg)
+    probed = _probed(model, probe, combine is not None)
     for epoch in range(start_epoch, cfg.epochs + 1):
         if step >= total_steps or bad_epochs >= cfg.patience:
             break
@@ -302,9 +308,9 @@ def _fit(
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", disable=not show, file=sys.stderr,
                    leave=False, dynamic_ncols=True)
         for batch in bar:
-            if probed and step <= cfg.probe_steps:  # no gradient, so no backward, through a frozen encoder
+            if probed and step <= probe:  # no gradient, so no backward, through a frozen encoder
                 for p in probed:
-                    p.requires_grad_(step == cfg.probe_steps)
+                    p.requires_grad_(step == probe)
             model.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             part_grads: list[list[torch.Tensor | None]] = []
@@ -341,7 +347,7 @@ def _fit(
             if step % 10 == 0 or step == 1:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
             if on_step is not None:
-                lr = 0.0 if probed and step <= cfg.probe_steps else schedulers[0].get_last_lr()[0]  # the encoder's
+                lr = 0.0 if probed and step <= probe else schedulers[0].get_last_lr()[0]  # the encoder's
                 on_step(step, {"train_loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
                                **{k: float(v) for k, v in step_stats.items()}})
         bar.close()
@@ -375,17 +381,15 @@ def _fit(
     return result
 
 
-def _probed(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, combined: bool) -> list[torch.nn.Parameter]:
-    """The encoder parameters ``train.probe_steps`` freezes at first: those of ``model.encoder`` that train."""
-    if not cfg.probe_steps:
+def _probed(model: torch.nn.Module, probe: int, combined: bool) -> list[torch.nn.Parameter]:
+    """The encoder parameters ``train.probe_fraction`` freezes at first: those of ``model.encoder`` that train."""
+    if not probe:
         return []
     encoder = getattr(model, "encoder", None)
     if not isinstance(encoder, torch.nn.Module):
-        raise ValueError(f"train.probe_steps: {type(model).__name__} has no encoder apart from its heads to freeze")
-    if cfg.probe_steps >= total_steps:
-        raise ValueError(f"train.probe_steps ({cfg.probe_steps}) leaves none of the {total_steps} steps to fine-tune the encoder")
+        raise ValueError(f"train.probe_fraction: {type(model).__name__} has no encoder apart from its heads to freeze")
     if combined:
-        raise ValueError("train.probe_steps does not combine with multitask.gradient (a frozen encoder has no gradients to combine)")
+        raise ValueError("train.probe_fraction does not combine with multitask.gradient (a frozen encoder has no gradients to combine)")
     return [p for p in encoder.parameters() if p.requires_grad]
 
 

@@ -13,7 +13,7 @@ from models.encoders import EncoderConfig
 from models.multitask import MultiTaskModel, build_text_model, param_groups
 from tasks.core.batching import predict_loader
 from tasks.core.config import TrainConfig
-from tasks.core.fit import FitResult, WeightAverage, fit_loader, lr_multiplier, score, torch_threads, warmup_linear
+from tasks.core.fit import FitResult, WeightAverage, fit_loader, lr_multiplier, probe_steps, score, torch_threads, warmup_linear
 from tasks.text.loader import (
     EncodedSplit,
     collate,
@@ -222,14 +222,14 @@ def test_ema_learns_and_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_probe_schedule_holds_the_heads_at_peak_then_warms_up_again() -> None:
-    f = lr_multiplier(110, cfg(probe_steps=10, warmup_fraction=0.1))
-    assert [f(s) for s in (0, 9)] == [1.0, 1.0]
-    assert f(10) == pytest.approx(0.1) and f(19) == pytest.approx(1.0)  # warmup over the 100 steps left
-    assert f(65) == pytest.approx(0.5) and f(110) == 0.0
+    f = lr_multiplier(110, cfg(probe_fraction=0.1, warmup_fraction=0.1))  # 11 probe steps
+    assert [f(s) for s in (0, 10)] == [1.0, 1.0]
+    assert f(11) == pytest.approx(1 / 9) and f(19) == pytest.approx(1.0)  # warmup over the 99 steps left
+    assert f(11 + 9 + 45) == pytest.approx(0.5) and f(110) == 0.0
 
 
 def test_probe_trains_the_heads_alone_then_everything() -> None:
-    """train.probe_steps: the encoder does not move (and logs lr 0) for the first N steps, the head does; then both."""
+    """train.probe_fraction: the encoder does not move (and logs lr 0) for the first N steps, the head does; then both."""
     model = small_model()
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     after: list[tuple[dict[str, torch.Tensor], float]] = []
@@ -237,13 +237,14 @@ def test_probe_trains_the_heads_alone_then_everything() -> None:
     def after_step(step: int, metrics: dict) -> None:
         after.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, metrics["lr"]))
 
-    result = fit(model, synthetic(600, 0), synthetic(200, 1), cfg(epochs=3, probe_steps=12), "accuracy",
+    result = fit(model, synthetic(600, 0), synthetic(200, 1), cfg(epochs=3, probe_fraction=0.2), "accuracy",
                  on_step=after_step)
+    n = probe_steps(len(after), cfg(probe_fraction=0.2))
     encoder = [k for k in start if k.startswith("encoder.") and start[k].is_floating_point()]
-    for state, lr in after[:12]:
+    for state, lr in after[:n]:
         assert all(torch.equal(state[k], start[k]) for k in encoder) and lr == 0.0
-    assert not torch.equal(after[11][0]["heads.label.proj.weight"], start["heads.label.proj.weight"])
-    state, lr = after[12]
+    assert not torch.equal(after[n - 1][0]["heads.label.proj.weight"], start["heads.label.proj.weight"])
+    state, lr = after[n]
     assert any(not torch.equal(state[k], start[k]) for k in encoder) and lr > 0
     assert all(p.requires_grad for p in model.parameters())
     assert result.best_score > 0.9
@@ -251,12 +252,13 @@ def test_probe_trains_the_heads_alone_then_everything() -> None:
 
 def test_probe_resumes_exactly_from_a_checkpoint_inside_it(tmp_path: Path) -> None:
     train, val = synthetic(300, 0), synthetic(100, 1)  # 10 steps an epoch: epoch 1's checkpoint is mid-probe
-    full = fit(small_model(), train, val, cfg(epochs=3, probe_steps=15), "accuracy")
-    resumed = interrupted_then_resumed(train, val, cfg(epochs=3, probe_steps=15), tmp_path / "ckpt")
+    full = fit(small_model(), train, val, cfg(epochs=3, probe_fraction=0.5), "accuracy")
+    resumed = interrupted_then_resumed(train, val, cfg(epochs=3, probe_fraction=0.5), tmp_path / "ckpt")
     assert resumed.resumed_from_epoch == 1
     assert resumed.history == full.history
 
 
-def test_probe_must_leave_steps_to_fine_tune() -> None:
-    with pytest.raises(ValueError, match="train.probe_steps"):
-        fit(small_model(), synthetic(100, 0), synthetic(50, 1), cfg(epochs=1, probe_steps=4), "accuracy")
+def test_probe_needs_an_encoder_to_freeze() -> None:
+    with pytest.raises(ValueError, match="train.probe_fraction"):
+        fit_loader(torch.nn.Linear(2, 2), text_loader(synthetic(100, 0), 32, 0, HEAD), lambda m, d: {"accuracy": 0.0},
+                   cfg(epochs=1, probe_fraction=0.5), "accuracy", progress=False)
