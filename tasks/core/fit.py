@@ -7,7 +7,8 @@ parameter groups the kind gives (no decay on biases, norms or embeddings; separa
 layer-wise learning rates for pretrained encoders), linear warmup then linear decay (or constant),
 gradient clipping, CUDA with bf16 autocast when present, else CPU with ``train.threads`` threads
 (restored afterwards); seeded so a CPU rerun is identical; optionally an exponential moving average
-of the weights (``train.ema_decay``) that is what gets validated and kept; early stopping on the
+of the weights (``train.ema_decay``) that is what gets validated and kept; optionally the heads
+trained alone on the frozen encoder first (``train.probe_fraction``, LP-FT); early stopping on the
 validation metric; a checkpoint after every epoch under
 ``$NIGHTSHIFT_HOME/checkpoints/train/<fingerprint>/`` so an interrupted run resumes where it stopped.
 A progress bar per epoch (step, loss, ETA) and one line per epoch go to the terminal; both stay quiet
