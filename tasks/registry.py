@@ -59,6 +59,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> AnyReci
     return recipe_from_dict(apply_overrides(read_yaml(path), overrides or []), source=str(path))
 
 
+def teacher_recipes(recipe: AnyRecipe) -> dict[str, AnyRecipe]:
+    """The teacher recipe of every task of a multi-task recipe with ``tasks.<t>.distill``, loaded with its
+    ``teacher_set`` overrides (none for other recipes); errors name ``tasks.<t>.distill.teacher``."""
+    out: dict[str, AnyRecipe] = {}
+    for name, spec in (recipe.tasks.items() if isinstance(recipe, MultiRecipe) else ()):
+        distill = getattr(spec, "distill", None)
+        if distill is None:
+            continue
+        try:  # the loader's errors name the file
+            teacher = load_recipe(distill.teacher, distill.teacher_set)
+        except ValueError as exc:
+            raise RecipeError(f"tasks.{name}.distill.teacher: {exc}") from None
+        if teacher.task != spec.task:
+            raise RecipeError(f"tasks.{name}.distill.teacher: {distill.teacher} is a {teacher.task} recipe; "
+                              f"task {name} is {spec.task}")
+        out[name] = teacher
+    return out
+
+
 def kind_of(recipe: AnyRecipe) -> Kind:
     """The kind that implements ``recipe.task`` (its stage modules are imported now, not before)."""
     return importlib.import_module(KINDS[recipe.task]).KIND

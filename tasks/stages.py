@@ -161,8 +161,10 @@ def augment(recipe: AnyRecipe, encoded: StageRef, run_id: str | None, force: boo
 
 
 @task(name="train", cache_policy=NONE)
-def train(recipe: AnyRecipe, augmented: StageRef, encoded: StageRef, run_id: str | None, force: bool = False) -> StageRef:
-    """Train (or find the identical trained model in the store); per-step loss and per-epoch metrics to MLflow."""
+def train(recipe: AnyRecipe, augmented: StageRef, encoded: StageRef, run_id: str | None, force: bool = False,
+          teachers: dict[str, TrainedModel] | None = None) -> StageRef:
+    """Train (or find the identical trained model in the store); per-step loss and per-epoch metrics to MLflow.
+    ``teachers``: a multi-task recipe's trained teachers by task (``tasks.<t>.distill``), tagged on the run."""
     steps = tracking.MetricBuffer(run_id)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -170,12 +172,17 @@ def train(recipe: AnyRecipe, augmented: StageRef, encoded: StageRef, run_id: str
         steps.flush()
 
     def work(store: Any) -> StageRef:
+        taught = {"teachers": {name: t.stage for name, t in teachers.items()}} if teachers else {}
         ref = kind_of(recipe).train(recipe, augmented, encoded, store, get_settings().checkpoints_root, force,
-                                    steps.add, on_epoch)
+                                    steps.add, on_epoch, **taught)
         steps.flush()
         return ref
 
     log_data_input(run_id, recipe, augmented.fingerprint, encoded.rows, "training")
+    if run_id is not None and teachers:
+        tracking.set_tags(run_id, {f"nightshift.teacher.{name}.{key}": value for name, t in teachers.items()
+                                   for key, value in (("run_id", t.run_id), ("fingerprint", t.stage.fingerprint))
+                                   if value is not None})
     trained = tracked(run_id, "train", work, _logger())
     if run_id is not None and (epoch := resumed_from(trained)) is not None:
         _logger().info("train: resumed from epoch %s (the checkpoint of an interrupted run)", epoch)

@@ -40,6 +40,13 @@ class Loader:
     # which of the fit loop's optimisers takes a batch's step (multi-task, one optimiser per task: the
     # batch's task); None: there is one optimiser
     route: Callable[[Any], int] | None = None
+    # targets that change as training goes on: (index batch, progress = step / total steps, in [0, 1)) ->
+    # targets (multi-task distillation's teacher annealing); None: ``targets``
+    progress_targets: Callable[[np.ndarray, float], Any] | None = None
+
+    def targets_at(self, index: np.ndarray, progress: float) -> Any:
+        """The targets of one index batch at ``progress`` through training."""
+        return self.targets(index) if self.progress_targets is None else self.progress_targets(index, progress)
 
 
 def logits_of(outputs: Any, head: str | None) -> torch.Tensor:

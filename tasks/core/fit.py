@@ -319,7 +319,7 @@ def _fit(
             # part's graph at once; with train.combine each part's gradient is kept apart instead
             for index in (train.parts(batch) if train.parts is not None else (batch,)):
                 inputs = [t.to(device) for t in train.inputs(index)]
-                targets = to_device(train.targets(index), device)
+                targets = to_device(train.targets_at(index, step / total_steps), device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     _, loss = model(*inputs, targets=targets)
                 loss.backward()

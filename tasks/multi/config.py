@@ -77,6 +77,26 @@ class TaskTrainConfig(Section):
                                          "multitask.optimizer: per_task (null: train.lr).")
 
 
+class DistillConfig(Section):
+    """Born-again multi-task distillation (BAM!, Clark et al. 2019): this task's training targets mix its gold
+    labels with a single-task teacher's class probabilities on the same train rows."""
+
+    teacher: str = Field(
+        min_length=1,
+        description="Path of the text-classification recipe whose trained model teaches this task (relative paths "
+                    "from the working directory, as data paths are). The pipeline prepares and trains it first, as "
+                    "its own recipe, in its own MLflow experiment: a fingerprint cache hit when it has been trained.")
+    teacher_set: list[str] = Field(
+        default_factory=list,
+        description="--set overrides for the teacher recipe (KEY=VALUE), e.g. train.max_steps=50 for a quick run.")
+    weight: float = Field(default=1.0, ge=0, le=1,
+                          description="The teacher's share of the target at the first step; the gold label has the rest.")
+    anneal: Literal["linear", "constant"] = Field(
+        default="linear",
+        description="linear: the teacher's share falls linearly to 0 at the last step, so training ends on the gold "
+                    "labels alone (teacher annealing); constant: it stays at weight.")
+
+
 class TextTaskTokenizer(Section):
     """A task's own tokenizer keys; the vocabulary keys are shared (the recipe's ``tokenizer`` section)."""
 
@@ -129,6 +149,8 @@ class TextTask(TaskBase):
     evaluate: EvaluateConfig | None = Field(
         default=None, description="The task's gate: primary_metric, min_score, max_regression (default metric accuracy).")
     tokenizer: TextTaskTokenizer | None = Field(default=None, description="The task's own tokenizer keys (max_length).")
+    distill: DistillConfig | None = Field(
+        default=None, description="Distil a single-task teacher into this task's head and the shared encoder (null: gold labels only).")
 
 
 class TokenTask(TaskBase):

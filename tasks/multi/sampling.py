@@ -146,10 +146,15 @@ def multitask_loader(loaders: dict[str, Loader], batch_sizes: dict[str, int], sa
         name, local = split(index)
         return loaders[name].targets(local)
 
+    def progress_targets(index: np.ndarray, progress: float):
+        name, local = split(index)
+        return loaders[name].targets_at(local, progress)
+
     return Loader(size=int(sum(sizes)), batches=batches, inputs=inputs, targets=targets, steps=n_batches,
                   parts=list if step == "joint" else None, epoch_batches=None if seed is None else epoch_batches,
                   combine=pcgrad if step == "joint" and gradient == "pcgrad" else None,
-                  route=None if step == "joint" else route)
+                  route=None if step == "joint" else route,
+                  progress_targets=progress_targets if any(ld.progress_targets for ld in loaders.values()) else None)
 
 
 def _stream(loader: Loader, seed: int, task: int) -> Iterator[np.ndarray]:

@@ -40,6 +40,7 @@ from models.encoders import (
     resolve_pretrained,
 )
 from models.multitask import MultiTaskModel, param_groups
+from tasks.core.batching import Loader
 from tasks.core.config import TrainConfig
 from tasks.core.fit import MODEL_FILE, STAGE, StepCallback, fit_loader, store_trained
 from tasks.core.store import ArtifactStore, StageRef, stage_key
@@ -67,6 +68,10 @@ def train_config(recipe: MultiRecipe) -> dict[str, Any]:
                     "train": spec.train.model_dump(mode="json", exclude_none=True),
                     "primary_metric": sub.evaluate.primary_metric}
              for (name, spec), sub in zip(recipe.tasks.items(), recipe.sub_recipes().values())}
+    for name, spec in recipe.tasks.items():
+        if (distill := getattr(spec, "distill", None)) is not None:
+            # the teacher itself enters the key by its train fingerprint (run's inputs), not by its recipe's path
+            tasks[name]["distill"] = distill.model_dump(mode="json", exclude={"teacher", "teacher_set"})
     return {"model": model, "train": train, "max_length": recipe.tokenizer.max_length,
             "multitask": recipe.multitask.model_dump(mode="json"), "tasks": tasks}
 
@@ -191,12 +196,39 @@ def view_refs(trained: StageRef) -> dict[str, StageRef]:
             for name, labels in trained.extra["task_labels"].items()}
 
 
+def with_teachers(recipe: MultiRecipe, loaders: dict[str, Loader], augmented: dict[str, StageRef],
+                  labels: dict[str, list[str]], teachers: dict[str, StageRef]) -> dict[str, Loader]:
+    """The task loaders, those of tasks with ``distill`` on their teacher's soft targets (tasks.multi.distill)."""
+    from tasks.multi.distill import distilled, teacher_probabilities
+    from tasks.text.loader import EncodedSplit
+
+    out = dict(loaders)
+    for name, spec in recipe.tasks.items():
+        if (cfg := getattr(spec, "distill", None)) is None:
+            continue
+        where = f"tasks.{name}.distill"
+        if name not in teachers:
+            raise ValueError(f"{where}: no trained teacher for task {name} (the train_model flow trains "
+                             f"{cfg.teacher} first)")
+        probs = teacher_probabilities(teachers[name], augmented[name], labels[name], recipe.train.device, where)
+        gold = EncodedSplit.read(augmented[name].file("train.parquet")).labels
+        out[name] = distilled(loaders[name], gold, probs, cfg.weight, cfg.anneal, name)
+    return out
+
+
 def run(
     recipe: MultiRecipe, augmented: StageRef, encoded: StageRef, store: ArtifactStore, checkpoints_root: Path,
     force: bool = False, on_step: StepCallback | None = None, on_epoch: StepCallback | None = None,
+    teachers: dict[str, StageRef] | None = None,
 ) -> StageRef:
-    """Train the shared model on every task's ``train.parquet``; early-stop on the tasks' validation splits."""
-    key = stage_key(STAGE, train_config(recipe), [augmented.fingerprint, encoded.fingerprint], __name__)
+    """Train the shared model on every task's ``train.parquet``; early-stop on the tasks' validation splits.
+    ``teachers``: the trained single-task teacher of every task with ``distill``, by task name."""
+    teachers = teachers or {}
+    unknown = sorted(set(teachers) - {name for name, spec in recipe.tasks.items() if getattr(spec, "distill", None)})
+    if unknown:
+        raise ValueError(f"teachers for tasks without distill: {unknown}")
+    key = stage_key(STAGE, train_config(recipe), [augmented.fingerprint, encoded.fingerprint,
+                                                  *(teachers[name].fingerprint for name in sorted(teachers))], __name__)
     if (hit := store.cached(key, force)) is not None:
         return hit
     cfg = recipe.train
@@ -211,6 +243,7 @@ def run(
         loaders[name] = adapter.train_loader(sub, augmented_t[name], encoded_t[name], batch_sizes[name], model.pad_id, name)
         validators[name] = adapter.validator(sub, encoded_t[name], model.pad_id, name)
         primaries[name] = sub.evaluate.primary_metric
+    loaders = with_teachers(recipe, loaders, augmented_t, labels, teachers)
     mt = recipe.multitask
     train_loader = multitask_loader(loaders, batch_sizes, mt.sampling, mt.temperature, mt.steps_per_epoch, mt.step,
                                     cfg.seed, mt.gradient)
@@ -243,6 +276,7 @@ def run(
                                        for name, spec in recipe.tasks.items()}},
             extra={"encoder": {k: v for k, v in key.config["model"].items() if k in ("arch", "pretrained", "checkpoint_sha256")},
                    "task_labels": labels, "tasks": list(recipe.tasks),
+                   "teachers": {name: ref.fingerprint for name, ref in sorted(teachers.items())},
                    # what a kind's evaluate and serving read from its own trained stage (tokens: the special ids)
                    "task_special_ids": {name: {k: int(ref.extra[k]) for k in SPECIAL_IDS if k in ref.extra}
                                         for name, ref in encoded_t.items()}},
